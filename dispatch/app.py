@@ -1,0 +1,137 @@
+"""Wiring: build every service from the configuration and start the listeners."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from twisted.internet import threads
+from twisted.web import server
+
+from dispatch import logs
+from dispatch.config import Config
+from dispatch.gateway import Gateway
+from dispatch.http.api import Api, build_site_root
+from dispatch.livestate import DeviceLive, LiveState, LiveStateFlusher, utc
+from dispatch.protocol.base import StreamCodec
+from dispatch.protocol.native import NativeCodec
+from dispatch.protocol.native_udp import NativeDatagramProtocol
+from dispatch.protocol.transport import TerminalStreamFactory
+from dispatch.store import db as dbmod
+from dispatch.store import devices as device_repo
+
+log = logs.get(__name__)
+
+
+def codec_factories() -> dict[str, Callable[[], StreamCodec]]:
+    """Codec constructors for every TCP protocol this build knows."""
+    factories: dict[str, Callable[[], StreamCodec]] = {"native": NativeCodec}
+    try:
+        from dispatch.protocol.gt06 import Gt06Codec
+
+        factories["gt06"] = Gt06Codec
+    except ImportError:
+        pass
+    try:
+        from dispatch.protocol.jt808 import Jt808Codec
+
+        factories["jt808"] = Jt808Codec
+    except ImportError:
+        pass
+    return factories
+
+
+class DispatchApp:
+    """One process: terminal listeners, gateway, live state, HTTP API."""
+
+    def __init__(self, config: Config, reactor: Any, any_port: frozenset[str] = frozenset()):
+        """``any_port`` names listeners to bind on an OS-chosen port (tests use it)."""
+        self.config = config
+        self.reactor = reactor
+        self.any_port = any_port
+        self.db = dbmod.Database(config.db, reactor, max_threads=config.db_threads)
+        offline_after = config.heartbeat_interval * config.offline_after
+        self.live = LiveState(offline_after)
+        self.gateway = Gateway(
+            reactor,
+            self.db,
+            self.live,
+            heartbeat_interval=config.heartbeat_interval,
+            sos_dedup=timedelta(hours=config.sos_dedup_hours),
+        )
+        self.live.on_offline.append(self._device_offline)
+        self.flusher = LiveStateFlusher(reactor, self.db, self.live, config.flush_interval)
+        self.api = Api(self.db, reactor)
+        self.ports: dict[str, int] = {}
+        self._listening: list[Any] = []
+        self._factories: list[TerminalStreamFactory] = []
+
+    def _device_offline(self, d: DeviceLive) -> None:
+        link = self.gateway.links.get(d.ident)
+        log.info("device_offline", ident=d.ident)
+        self.live.log_event(
+            {
+                "at": utc(self.reactor.seconds()),
+                "kind": "offline",
+                "device_ident": d.ident,
+                "subscriber_id": None,
+                "incident_id": None,
+                "data": None,
+            }
+        )
+        if link is not None:
+            link.close("silent")
+
+    def _port(self, name: str) -> int | None:
+        configured = getattr(self.config, f"{name}_port")
+        if name in self.any_port:
+            return 0
+        return configured or None
+
+    async def start(self) -> None:
+        """Migrate the schema, restore live state, open every enabled listener."""
+        await threads.deferToThread(dbmod.upgrade, self.config.db)
+        self.db.start()
+        for device_id, ident, last_seen in await self.db.read(device_repo.online_devices):
+            seen = last_seen.timestamp() if last_seen else self.reactor.seconds()
+            self.live.restore(device_id, ident, seen)
+        host = self.config.host
+        factories = codec_factories()
+        for name in ("native", "gt06", "jt808"):
+            port = self._port(name)
+            if port is None or name not in factories:
+                continue
+            factory = TerminalStreamFactory(factories[name], self.gateway, self.reactor)
+            self._factories.append(factory)
+            self._listen(name, self.reactor.listenTCP(port, factory, interface=host))
+        port = self._port("native")
+        if port is not None:
+            udp = NativeDatagramProtocol(self.gateway, self.reactor, self.config.udp_rate)
+            self._listen(
+                "native_udp",
+                self.reactor.listenUDP(self.ports.get("native", port), udp, interface=host),
+            )
+        port = self._port("http")
+        if port is not None:
+            site = server.Site(build_site_root(self.api))
+            site.noisy = False
+            self._listen("http", self.reactor.listenTCP(port, site, interface=host))
+        self.flusher.start()
+        log.info("serving", db=self.config.db.split("@")[-1], ports=self.ports)
+
+    def _listen(self, name: str, port: Any) -> None:
+        self._listening.append(port)
+        self.ports[name] = port.getHost().port
+
+    async def stop(self) -> None:
+        """Close listeners and terminal connections, flush live state, stop the pools."""
+        for port in self._listening:
+            await port.stopListening()
+        self._listening.clear()
+        for link in list(self.gateway.links.values()):
+            link.close("shutdown")
+        for factory in self._factories:
+            factory.close_all("shutdown")
+        await self.flusher.stop()
+        self.db.stop()

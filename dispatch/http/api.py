@@ -1,0 +1,159 @@
+"""The /api/v1 endpoints: subscribers, devices, incidents, the OpenAPI document."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+from dispatch.http import validate
+from dispatch.http.openapi import openapi_document
+from dispatch.http.router import ApiError, ApiRequest, Router
+from dispatch.store import devices as device_repo
+from dispatch.store import incidents as incident_repo
+from dispatch.store import subscribers as subscriber_repo
+from dispatch.store import tokens as token_repo
+
+ALL = ("admin", "operator", "district", "community")
+ENROLL = ("admin", "district")
+PREFIX = "/api/v1"
+TOKEN_CACHE_S = 30.0
+
+
+class Api:
+    """Handlers bound to the store and clock."""
+
+    def __init__(self, db: Any, clock: Any) -> None:
+        self.db = db
+        self.clock = clock
+        self._tokens: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    async def authenticate(self, token: str) -> dict[str, Any] | None:
+        """Resolve a bearer token, caching answers briefly to spare the database."""
+        hit = self._tokens.get(token)
+        mono = time.monotonic()
+        if hit and hit[0] > mono:
+            return hit[1]
+        principal = await self.db.read(token_repo.lookup_token, token)
+        if len(self._tokens) > 10_000:
+            self._tokens.clear()
+        self._tokens[token] = (mono + TOKEN_CACHE_S, principal)
+        return principal
+
+    # --- helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _int_param(req: ApiRequest, name: str) -> int:
+        try:
+            value = int(req.params[name])
+        except ValueError:
+            raise ApiError(404, "not_found", f"{name} must be an integer id") from None
+        if not 0 < value < 2**63:
+            raise ApiError(404, "not_found", f"{name} {value} does not exist")
+        return value
+
+    @staticmethod
+    def _check_district(req: ApiRequest, district: str | None) -> None:
+        own = (req.principal or {}).get("district")
+        if req.principal and req.principal["role"] == "district" and own and district != own:
+            raise ApiError(403, "forbidden", f"this token is for district {own}")
+
+    # --- subscribers ----------------------------------------------------------------
+
+    async def create_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
+        body = validate.subscriber(req.json())
+        self._check_district(req, body["district"])
+        new_id = await self.db.write(subscriber_repo.create_subscriber, body, self.now())
+        return 201, {"id": new_id, **await self.db.read(subscriber_repo.get_subscriber, new_id)}
+
+    async def list_subscribers(self, req: ApiRequest) -> tuple[int, Any]:
+        limit = req.int_query("limit", 100, 1, 1000)
+        offset = req.int_query("offset", 0, 0, 10**9)
+        district = req.query.get("district")
+        own = (req.principal or {}).get("district")
+        if req.principal and req.principal["role"] == "district" and own:
+            district = own
+        items, total = await self.db.read(
+            subscriber_repo.list_subscribers, district, req.query.get("status"), limit, offset
+        )
+        return 200, {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    async def get_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
+        sub = await self.db.read(subscriber_repo.get_subscriber, self._int_param(req, "id"))
+        self._check_district(req, sub["district"])
+        return 200, sub
+
+    async def patch_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
+        sub_id = self._int_param(req, "id")
+        changes = validate.subscriber(req.json(), partial=True)
+        current = await self.db.read(subscriber_repo.get_subscriber, sub_id)
+        self._check_district(req, current["district"])
+        if "district" in changes:
+            self._check_district(req, changes["district"])
+        return 200, await self.db.write(
+            subscriber_repo.update_subscriber, sub_id, changes, self.now()
+        )
+
+    async def deregister_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
+        sub_id = self._int_param(req, "id")
+        body = req.json() if req.raw_body else {}
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if not isinstance(reason, str) or not reason.strip():
+            raise ApiError(
+                400,
+                "validation_failed",
+                "reason is required (moved, deceased, ...)",
+                {"fields": {"reason": "is required"}},
+            )
+        current = await self.db.read(subscriber_repo.get_subscriber, sub_id)
+        self._check_district(req, current["district"])
+        return 200, await self.db.write(
+            subscriber_repo.deregister_subscriber, sub_id, reason.strip()[:200], self.now()
+        )
+
+    # --- devices and incidents ------------------------------------------------------
+
+    async def get_device(self, req: ApiRequest) -> tuple[int, Any]:
+        return 200, await self.db.read(device_repo.get_device, req.params["ident"])
+
+    async def list_incidents(self, req: ApiRequest) -> tuple[int, Any]:
+        status = req.query.get("status")
+        if status is not None and status not in incident_repo.STATUSES:
+            raise ApiError(400, "invalid_query", f"status must be one of {incident_repo.STATUSES}")
+        limit = req.int_query("limit", 100, 1, 1000)
+        offset = req.int_query("offset", 0, 0, 10**9)
+        items = await self.db.read(incident_repo.list_incidents, status, None, limit, offset)
+        return 200, {"items": items, "limit": limit, "offset": offset}
+
+    async def get_incident(self, req: ApiRequest) -> tuple[int, Any]:
+        return 200, await self.db.read(incident_repo.get_incident, self._int_param(req, "id"))
+
+    async def openapi(self, req: ApiRequest) -> tuple[int, Any]:
+        return 200, openapi_document()
+
+    async def healthz(self, req: ApiRequest) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+
+def build_site_root(api: Api) -> Resource:
+    """The whole HTTP face: one router with the API, health and metrics."""
+    router = Router(api.authenticate)
+    router.raw["/metrics"] = MetricsResource()
+    router.add("GET", "/healthz", api.healthz, None)
+    p = PREFIX
+    router.add("GET", f"{p}/openapi.json", api.openapi, ALL)
+    router.add("POST", f"{p}/subscribers", api.create_subscriber, ENROLL)
+    router.add("GET", f"{p}/subscribers", api.list_subscribers, ALL)
+    router.add("GET", f"{p}/subscribers/{{id}}", api.get_subscriber, ALL)
+    router.add("PATCH", f"{p}/subscribers/{{id}}", api.patch_subscriber, ENROLL)
+    router.add("DELETE", f"{p}/subscribers/{{id}}", api.deregister_subscriber, ENROLL)
+    router.add("GET", f"{p}/devices/{{ident}}", api.get_device, ALL)
+    router.add("GET", f"{p}/incidents", api.list_incidents, ALL)
+    router.add("GET", f"{p}/incidents/{{id}}", api.get_incident, ALL)
+    return router

@@ -1,0 +1,31 @@
+"""Prometheus metrics; names are dispatch_* with units in the name."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS_OPEN = Gauge("dispatch_connections_open", "Terminal connections open now", ["protocol"])
+CONNECTIONS = Counter("dispatch_connections_total", "Terminal connections accepted", ["protocol"])
+FRAMES = Counter(
+    "dispatch_frames_received_total", "Frames decoded, by event type", ["protocol", "type"]
+)
+DECODE_ERRORS = Counter(
+    "dispatch_decode_errors_total", "Bytes or frames rejected by a decoder", ["protocol", "reason"]
+)
+REJECTS = Counter(
+    "dispatch_frames_rejected_total",
+    "Decoded frames refused by the gateway",
+    ["protocol", "reason"],
+)
+SESSIONS_ONLINE = Gauge("dispatch_sessions_online", "Devices currently online")
+SOS_ACK_SECONDS = Histogram(
+    "dispatch_sos_ack_latency_seconds",
+    "Time from an SOS frame's arrival to its ack being written",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SOS_TOTAL = Counter("dispatch_sos_frames_total", "SOS frames by result", ["result"])
+FLUSH_ROWS = Counter("dispatch_live_flush_rows_total", "Device rows written by live-state flushes")
+FLUSH_SECONDS = Histogram(
+    "dispatch_live_flush_duration_seconds", "Duration of one live-state flush"
+)
+DB_ERRORS = Counter("dispatch_db_errors_total", "Database operations that failed", ["op"])

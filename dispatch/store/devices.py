@@ -1,0 +1,105 @@
+"""Device repository: login look-ups, batched live-state flushes, the device view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dispatch.store.errors import NotFound
+from dispatch.store.models import Contact, Device, EventLog, Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What the gateway needs to accept a terminal's login."""
+
+    id: int
+    ident: str
+    protocol: str
+    subscriber_id: int
+    contact_numbers: tuple[str, ...]
+    auth_code: str | None = None
+
+
+def device_for_login(session: Session, ident: str) -> DeviceInfo | None:
+    """The device with ``ident`` if it is bound to an active subscriber, else None."""
+    row = session.execute(
+        select(Device.id, Device.protocol, Device.subscriber_id, Device.auth_code)
+        .join(Subscriber, Subscriber.id == Device.subscriber_id)
+        .where(Device.ident == ident, Subscriber.status == "active")
+    ).first()
+    if row is None:
+        return None
+    numbers = session.scalars(
+        select(Contact.phone)
+        .where(Contact.subscriber_id == row.subscriber_id)
+        .order_by(Contact.position)
+    ).all()
+    return DeviceInfo(row.id, ident, row.protocol, row.subscriber_id, tuple(numbers), row.auth_code)
+
+
+def record_login(
+    session: Session, device_id: int, firmware: str, protocol_version: int, now: datetime
+) -> None:
+    """Note a login: firmware, protocol version, online now."""
+    session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(
+            firmware=firmware or None, protocol_version=protocol_version, online=True, last_seen=now
+        )
+    )
+
+
+def set_auth_code(session: Session, device_id: int, code: str) -> None:
+    """Store the authentication code issued at a JT/T 808 registration."""
+    session.execute(update(Device).where(Device.id == device_id).values(auth_code=code))
+
+
+def flush_live(session: Session, rows: list[dict[str, Any]]) -> int:
+    """Write a batch of live-state rows (keys: id, online, last_seen, battery, ...)."""
+    if rows:
+        session.execute(update(Device), rows)
+    return len(rows)
+
+
+def append_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Append rows to the event log (keys as EventLog's columns)."""
+    if rows:
+        session.execute(EventLog.__table__.insert(), rows)
+
+
+def device_dict(d: Device) -> dict[str, Any]:
+    """The API shape of a device."""
+    return {
+        "ident": d.ident,
+        "protocol": d.protocol,
+        "subscriber_id": d.subscriber_id,
+        "online": bool(d.online),
+        "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+        "battery": d.battery,
+        "signal": d.signal,
+        "charging": d.charging,
+        "firmware": d.firmware,
+        "location": {"lat": d.lat, "lon": d.lon} if d.lat is not None else None,
+    }
+
+
+def get_device(session: Session, ident: str) -> dict[str, Any]:
+    """One device by ident."""
+    device = session.scalar(select(Device).where(Device.ident == ident))
+    if device is None:
+        raise NotFound(f"device {ident} does not exist")
+    return device_dict(device)
+
+
+def online_devices(session: Session) -> list[tuple[int, str, datetime | None]]:
+    """Devices the store last recorded online: (id, ident, last_seen)."""
+    rows = session.execute(
+        select(Device.id, Device.ident, Device.last_seen).where(Device.online.is_(True))
+    )
+    return [(r.id, r.ident, r.last_seen) for r in rows]
