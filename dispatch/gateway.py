@@ -123,6 +123,18 @@ class Gateway:
         if info.auth_code and event.auth_code is not None and event.auth_code != info.auth_code:
             return self._reject(link, ev.Reject.UNKNOWN_DEVICE, "Login")
         now = self.clock.seconds()
+        try:
+            await self.db.write(
+                device_repo.record_login,
+                info.id,
+                event.firmware,
+                event.protocol_version,
+                utc(now),
+            )
+        except Exception:
+            metrics.DB_ERRORS.labels("login").inc()
+            log.exception("login_record_failed", ident=event.ident)
+            return Outcome.reject(ev.Reject.TRY_LATER, self.clock.seconds())
         self.bind(link, info)
         self.live.seen(info.id, info.ident, now)
         self.live.log_event(
@@ -134,9 +146,6 @@ class Gateway:
                 "incident_id": None,
                 "data": {"protocol": link.protocol, "firmware": event.firmware},
             }
-        )
-        await self.db.write(
-            device_repo.record_login, info.id, event.firmware, event.protocol_version, utc(now)
         )
         log.info("login", protocol=link.protocol, peer=link.peer, ident=info.ident)
         return Outcome.accept(now)

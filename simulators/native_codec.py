@@ -103,7 +103,9 @@ class NativeTerminalCodec:
         while True:
             start = self._buf.find(fmt.MAGIC)
             if start < 0:
-                self._buf.clear()
+                # A lone first magic byte at the end may start the next frame.
+                keep = self._buf[-1:] == fmt.MAGIC[:1]
+                del self._buf[: len(self._buf) - keep]
                 return out
             del self._buf[:start]
             total, reason = check_frame(self._buf, fmt.MAX_PAYLOAD)

@@ -75,11 +75,14 @@ class SimTerminal:
         self._hb.clock = clock
         self._retry: Any = None
         self.on_done: Any = None
+        self.finished = False
 
     # --- output ---------------------------------------------------------------------
 
     def emit(self, direction: str, kind: str, **fields: Any) -> None:
-        """One JSON line per frame or event."""
+        """One JSON line per frame or event (nothing after the summary)."""
+        if self.finished:
+            return
         line = {"dir": direction, "type": kind, "t": round(self.clock.seconds(), 3)}
         line.update({k: _jsonable(v) for k, v in fields.items()})
         self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -164,7 +167,9 @@ class SimTerminal:
         kind = msg["type"]
         if kind in ("login_ack", "auth_ack") or (kind == "register_ack" and self._registered(msg)):
             self._logged_in()
-        elif kind in ("login_nack",) or (kind == "register_ack" and msg.get("result")):
+        elif (kind == "login_nack" and msg.get("reason") == "unknown_device") or (
+            kind == "register_ack" and msg.get("result")
+        ):
             self.refused = True
             self.emit("event", "login_refused", reason=msg.get("reason", msg.get("result")))
             self.finish()
@@ -231,6 +236,7 @@ class SimTerminal:
                 refused=self.refused,
                 **self.counts,
             )
+            self.finished = True
             done()
 
     @property

@@ -105,10 +105,11 @@ def decode_frame(frame: bytes) -> Inbound | DecodeError:
     terminal learns why instead of resending blindly.
     """
     _magic, _ver, length, msg_type, raw_ident, seq = _HEADER.unpack_from(frame)
-    try:
-        ident = raw_ident.rstrip(b"\x00").decode("ascii")
-    except UnicodeDecodeError:
-        return DecodeError("malformed", detail="ident is not ASCII")
+    ident_bytes = raw_ident.rstrip(b"\x00")
+    if not ident_bytes or not all(0x21 <= b <= 0x7E for b in ident_bytes):
+        # Without a usable ident there is nobody to answer: drop without a NACK.
+        return DecodeError("malformed", detail="ident empty or not printable ASCII")
+    ident = ident_bytes.decode("ascii")
     ref = FrameRef(msg_type, seq, ident)
     if msg_type not in fmt.PAYLOADS_C or msg_type in (MsgType.CARE_PROMPT, MsgType.SETTINGS):
         return DecodeError(

@@ -134,8 +134,11 @@ PAYLOADS: dict[int, Struct] = {
 }
 
 # Compiled forms are ~4x faster to parse; the declarations above stay the single source.
+# Length-prefixed strings stay interpreted: construct's compiled PascalString does not
+# check that the bytes it was promised are there, and those messages are rare anyway.
+_STRINGY = {MsgType.LOGIN, MsgType.SETTINGS}
 HEADER_C = Header.compile()
-PAYLOADS_C: dict[int, Any] = {t: s.compile() for t, s in PAYLOADS.items()}
+PAYLOADS_C: dict[int, Any] = {t: (s if t in _STRINGY else s.compile()) for t, s in PAYLOADS.items()}
 
 
 def crc16(data: bytes | bytearray | memoryview) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, select
+from sqlalchemy import case, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from dispatch.store.errors import NotFound
@@ -37,6 +37,7 @@ class SosInput:
     seq: int
     kind: str
     received_at: datetime
+    terminal_time: int | None = None
     lat: float | None = None
     lon: float | None = None
     accuracy_m: int | None = None
@@ -46,15 +47,18 @@ class SosInput:
 def record_sos(session: Session, sos: SosInput, dedup_window: timedelta) -> SosRecord:
     """Store an SOS frame: dedupe by (device, seq), join an open alarm or open a new one."""
     since = sos.received_at - dedup_window
-    seen = session.scalar(
-        select(SosFrame.incident_id)
-        .where(
-            SosFrame.device_id == sos.device_id,
-            SosFrame.seq == sos.seq,
-            SosFrame.received_at >= since,
+    same = [
+        SosFrame.device_id == sos.device_id,
+        SosFrame.seq == sos.seq,
+        SosFrame.received_at >= since,
+    ]
+    if sos.terminal_time is not None:
+        # A terminal that rebooted may reuse a seq; its clock tells the presses apart.
+        same.append(
+            or_(SosFrame.terminal_time.is_(None), SosFrame.terminal_time == sos.terminal_time)
         )
-        .order_by(SosFrame.id.desc())
-        .limit(1)
+    seen = session.scalar(
+        select(SosFrame.incident_id).where(*same).order_by(SosFrame.id.desc()).limit(1)
     )
     if seen is not None:
         return SosRecord(seen, created=False, duplicate=True)

@@ -174,6 +174,7 @@ class SosFrame(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
     seq: Mapped[int] = mapped_column(BigInteger)
+    terminal_time: Mapped[int | None] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"))
 

@@ -202,6 +202,7 @@ def upgrade() -> None:
             "device_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
         sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("terminal_time", sa.BigInteger(), nullable=True),
         sa.Column("received_at", dispatch.store.types.UtcDateTime(timezone=True), nullable=False),
         sa.Column(
             "incident_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
