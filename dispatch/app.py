@@ -67,9 +67,9 @@ class DispatchApp:
         self._listening: list[Any] = []
         self._factories: list[TerminalStreamFactory] = []
 
-    def _device_offline(self, d: DeviceLive) -> None:
+    def _device_offline(self, d: DeviceLive, reason: str) -> None:
         link = self.gateway.links.get(d.ident)
-        log.info("device_offline", ident=d.ident)
+        log.info("device_offline", ident=d.ident, reason=reason)
         self.live.log_event(
             {
                 "at": utc(self.reactor.seconds()),
@@ -77,10 +77,11 @@ class DispatchApp:
                 "device_ident": d.ident,
                 "subscriber_id": None,
                 "incident_id": None,
-                "data": None,
+                "data": {"reason": reason},
             }
         )
-        if link is not None:
+        # A silent TCP link is probably half-open; a terminal that logged out closes its own.
+        if link is not None and reason == "silent":
             link.close("silent")
 
     def _port(self, name: str) -> int | None:

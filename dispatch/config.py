@@ -55,6 +55,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError("log_level must be debug, info, warning, error or critical")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         return self
@@ -66,6 +68,13 @@ _CAST = {"int": int, "float": float, "str": str}
 
 def _cast(name: str, value: Any, source: str) -> Any:
     kind = FIELD_TYPES[name]
+    # Typed sources (TOML) must already have the right type: 7700.5 or true is a mistake.
+    if not isinstance(value, str) and (
+        isinstance(value, bool)
+        or (kind == "int" and not isinstance(value, int))
+        or (kind == "float" and not isinstance(value, int | float))
+    ):
+        raise ConfigError(f"{source}: {name} must be {kind}, got {value!r}")
     try:
         return _CAST[kind](value)
     except (TypeError, ValueError):

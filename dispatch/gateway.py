@@ -193,6 +193,7 @@ class Gateway:
             subscriber_id=device.subscriber_id,
             seq=event.seq,
             kind="fall" if event.trigger == ev.SosTrigger.FALL else "sos",
+            terminal_time=int(event.terminal_time) if event.terminal_time else None,
             received_at=utc(now),
             lat=loc.lat if loc else None,
             lon=loc.lon if loc else None,
@@ -249,7 +250,7 @@ class Gateway:
             self._log(now, "device_alarm", device, {"alarm": event.alarm})
         elif isinstance(event, ev.Logout):
             self._log(now, "logout", device, None)
-            self.live.go_offline(d)
+            self.live.go_offline(d, "logout")
         elif isinstance(event, ev.CommandAck):
             log.debug("command_ack", ident=device.ident, ref_seq=event.ref_seq, ok=event.ok)
             return None

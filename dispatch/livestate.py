@@ -79,7 +79,7 @@ class LiveState:
         self._dirty: dict[str, DeviceLive] = {}
         self._events: list[dict[str, Any]] = []
         self.online_count = 0
-        self.on_offline: list[Callable[[DeviceLive], None]] = []
+        self.on_offline: list[Callable[[DeviceLive, str], None]] = []
 
     def get(self, ident: str) -> DeviceLive | None:
         """The live record of ``ident`` if the server has seen it since start."""
@@ -125,15 +125,15 @@ class LiveState:
         d.lat, d.lon = location.lat, location.lon
         self._mark(d)
 
-    def go_offline(self, d: DeviceLive) -> None:
-        """Mark a device offline now (silence or an explicit logout)."""
+    def go_offline(self, d: DeviceLive, reason: str = "silent") -> None:
+        """Mark a device offline now (``reason``: silent, logout)."""
         if d.online:
             d.online = False
             self.online_count -= 1
             metrics.SESSIONS_ONLINE.set(self.online_count)
             self._mark(d)
             for callback in self.on_offline:
-                callback(d)
+                callback(d, reason)
 
     def restore(self, device_id: int, ident: str, last_seen: float) -> None:
         """Load a device the store believes online, so silence still takes it offline."""

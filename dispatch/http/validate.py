@@ -27,7 +27,7 @@ SUBSCRIBER_KEYS = {"name", "district", "address", "contacts", "device", *OPTIONA
 
 def id_number_ok(value: str) -> bool:
     """Check a mainland resident ID number's format and ISO 7064 MOD 11-2 check digit."""
-    if not ID_NUMBER.match(value):
+    if not ID_NUMBER.fullmatch(value):
         return False
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
     total = sum(int(c) * w for c, w in zip(value[:17], weights, strict=True))
@@ -76,7 +76,7 @@ def _contacts(errors: Errors, contacts: Any) -> None:
         errors.text(c, "name", f"{path}.name", 100, True)
         errors.text(c, "relation", f"{path}.relation", 50, False)
         phone = c.get("phone")
-        if not isinstance(phone, str) or not PHONE.match(phone):
+        if not isinstance(phone, str) or not PHONE.fullmatch(phone):
             errors.add(f"{path}.phone", "must be a phone number (digits, optional + and -)")
         if c.get("tier", "family") not in TIERS:
             errors.add(f"{path}.tier", f"must be one of {list(TIERS)}")
@@ -92,7 +92,7 @@ def device_problem(device: Any) -> str | None:
     if not isinstance(ident, str):
         return "ident must be a string"
     pattern = {"native": NATIVE_IDENT, "gt06": IMEI, "jt808": JT808_PHONE}[protocol]
-    if not pattern.match(ident):
+    if not pattern.fullmatch(ident):
         hint = {
             "native": "1-16 printable ASCII characters",
             "gt06": "a 15-digit IMEI",
@@ -113,7 +113,9 @@ def subscriber(body: Any, partial: bool = False) -> dict[str, Any]:
     for key, limit in (("name", 100), ("address", 300)):
         if not partial or key in body:
             errors.text(body, key, key, limit, True)
-    if (not partial or "district" in body) and body.get("district") not in DISTRICTS:
+    if (not partial or "district" in body) and not (
+        isinstance(body.get("district"), str) and body["district"] in DISTRICTS
+    ):
         errors.add("district", f"must be one of {list(DISTRICTS)}")
     for key, limit in OPTIONAL_TEXT.items():
         errors.text(body, key, key, limit, False)
