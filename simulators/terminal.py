@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -25,11 +26,15 @@ from twisted.internet import task
 from dispatch import events as ev
 
 SOS_RETRY_S = 5.0
+JT808_AUTH = 0x0102
+JT808_SET_PARAMS = 0x8103
+JT808_TEXT = 0x8300
+_CARE_TEXT = re.compile(r"^CARE,(\d+)#$")
 LOGIN_RETRY_S = 5.0
 MAX_BACKOFF_S = 30.0
 
 
-def make_codec(proto: str, ident: str) -> Any:
+def make_codec(proto: str, ident: str, edition: int = 2013) -> Any:
     """The terminal-side codec for ``proto``."""
     if proto == "native":
         from simulators.native_codec import NativeTerminalCodec
@@ -41,7 +46,13 @@ def make_codec(proto: str, ident: str) -> Any:
         return Gt06TerminalCodec(ident)
     from simulators.jt808_codec import Jt808TerminalCodec
 
-    return Jt808TerminalCodec(ident)
+    return Jt808TerminalCodec(ident, edition)
+
+
+def _care_round(msg: dict[str, Any]) -> int | None:
+    """The round id of a GT06 ``CARE,<n>#`` command, if this is one."""
+    match = _CARE_TEXT.match(str(msg.get("text", "")))
+    return int(match.group(1)) if match else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -165,8 +176,15 @@ class SimTerminal:
 
     def react(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
-        if kind in ("login_ack", "auth_ack") or (kind == "register_ack" and self._registered(msg)):
+        if kind == "login_ack" or (kind == "register_ack" and self._registered(msg)):
             self._logged_in()
+        elif kind == "ack" and msg.get("reply_id") == JT808_AUTH:
+            if msg.get("result") == 0:
+                self._logged_in()
+            else:
+                self.refused = True
+                self.emit("event", "login_refused", reason=msg.get("result"))
+                self.finish()
         elif (kind == "login_nack" and msg.get("reason") == "unknown_device") or (
             kind == "register_ack" and msg.get("result")
         ):
@@ -206,14 +224,24 @@ class SimTerminal:
             self.send(self.sos_frame, "sos", key=self.sos_key, resend=True)
 
     def _command_ack(self, msg: dict[str, Any]) -> None:
-        ack = getattr(self.codec, "command_ack", None)
-        if ack is not None and "seq" in msg:
+        """Confirm a command the way this protocol's terminals do."""
+        proto = getattr(self.opts, "protocol", "native")
+        if proto == "native":
             ref_type = 0x83 if msg["type"] == "settings" else 0x82
-            self.send(ack(ref_type, msg["seq"]), "ack", ref_seq=msg["seq"])
+            self.send(self.codec.command_ack(ref_type, msg["seq"]), "ack", ref_seq=msg["seq"])
+        elif proto == "jt808":
+            msg_id = JT808_SET_PARAMS if msg["type"] == "settings" else JT808_TEXT
+            self.send(
+                self.codec.general_response(msg["serial"], msg_id, 0),
+                "general_response",
+                ref_serial=msg["serial"],
+            )
+        elif proto == "gt06" and not _care_round(msg):
+            self.send(self.codec.string_reply("OK!", msg["server_flag"]), "string_reply")
 
     def _care(self, msg: dict[str, Any]) -> None:
         answer = self.opts.care_answer
-        round_id = msg.get("round_id")
+        round_id = msg.get("round_id", _care_round(msg))
         if answer in (None, "ignore") or round_id is None:
             return
         value = ev.CareAnswer.OK if answer == "ok" else ev.CareAnswer.HELP
@@ -348,6 +376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server", required=True, help="HOST:PORT")
     p.add_argument("--ident", required=True, help="native id, GT06 IMEI or JT/T 808 phone")
     p.add_argument("--udp", action="store_true", help="native protocol over UDP")
+    p.add_argument("--jt808-edition", type=int, choices=(2013, 2019), default=2013)
     p.add_argument("--sos-after", type=float, default=None, help="press SOS after N seconds")
     p.add_argument("--sos-trigger", choices=("button", "fall"), default="button")
     p.add_argument("--sos-retry", type=float, default=SOS_RETRY_S)
@@ -390,7 +419,8 @@ def run(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     from twisted.internet import reactor
 
     opts = parse_args(argv)
-    term = SimTerminal(make_codec(opts.protocol, opts.ident), reactor, opts, out)
+    codec = make_codec(opts.protocol, opts.ident, opts.jt808_edition)
+    term = SimTerminal(codec, reactor, opts, out)
     driver_cls = UdpDriver if opts.udp else TcpDriver
     driver = driver_cls(reactor, opts.host, opts.port, term)
 

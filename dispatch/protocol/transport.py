@@ -108,6 +108,11 @@ class TerminalStreamProtocol(Protocol):
         self._pump()
 
     def _decode_error(self, err: DecodeError) -> None:
+        if err.reason == "sub_packet":
+            # JT/T 808 acknowledges each piece of a split message; not an error.
+            if err.reply:
+                self.transport.write(err.reply)
+            return
         report_error(self.protocol, self.peer, err, self._errors_logged)
         self._errors_logged += 1
         if err.reply:
