@@ -12,12 +12,15 @@ from twisted.web import server
 from dispatch import logs
 from dispatch.config import Config
 from dispatch.gateway import Gateway
+from dispatch.http import escalation_api
 from dispatch.http.api import Api, build_site_root
 from dispatch.livestate import DeviceLive, LiveState, LiveStateFlusher, utc
 from dispatch.protocol.base import StreamCodec
 from dispatch.protocol.native import NativeCodec
 from dispatch.protocol.native_udp import NativeDatagramProtocol
 from dispatch.protocol.transport import TerminalStreamFactory
+from dispatch.routing.channels import Channel, LogChannel, WebhookChannel
+from dispatch.routing.engine import EscalationEngine
 from dispatch.store import db as dbmod
 from dispatch.store import devices as device_repo
 
@@ -63,9 +66,34 @@ class DispatchApp:
         self.live.on_offline.append(self._device_offline)
         self.flusher = LiveStateFlusher(reactor, self.db, self.live, config.flush_interval)
         self.api = Api(self.db, reactor)
+        self.engine = EscalationEngine(
+            reactor,
+            self.db,
+            self._channel(),
+            callback_base=self._public_url(),
+            relay_numbers={"relay_110": config.relay_110, "relay_120": config.relay_120},
+        )
+        self.gateway.incident_listeners.append(self._incident_opened)
         self.ports: dict[str, int] = {}
         self._listening: list[Any] = []
         self._factories: list[TerminalStreamFactory] = []
+
+    def _channel(self) -> Channel:
+        if self.config.webhook_url:
+            return WebhookChannel(
+                self.reactor, self.config.webhook_url, self.config.webhook_secret.encode()
+            )
+        return LogChannel()
+
+    def _public_url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"http://{host}:{self.config.http_port}"
+
+    def _incident_opened(self, record: Any, _event: Any, _device: Any) -> None:
+        if record.created:
+            self.engine.incident_opened(record.incident_id)
 
     def _device_offline(self, d: DeviceLive, reason: str) -> None:
         link = self.gateway.links.get(d.ident)
@@ -115,10 +143,18 @@ class DispatchApp:
             )
         port = self._port("http")
         if port is not None:
-            site = server.Site(build_site_root(self.api))
+            handlers = escalation_api.EscalationApi(
+                self.engine, self.db, self.reactor, self.config.webhook_secret.encode()
+            )
+            site = server.Site(build_site_root(self.api, (escalation_api.add_routes, handlers)))
             site.noisy = False
             self._listen("http", self.reactor.listenTCP(port, site, interface=host))
+            if not self.config.public_url:
+                self.engine.callback_base = self._public_url().rsplit(":", 1)[0] + (
+                    f":{self.ports['http']}"
+                )
         self.flusher.start()
+        await self.engine.start()
         log.info("serving", db=self.config.db.split("@")[-1], ports=self.ports)
 
     def _listen(self, name: str, port: Any) -> None:
@@ -134,5 +170,6 @@ class DispatchApp:
             link.close("shutdown")
         for factory in self._factories:
             factory.close_all("shutdown")
+        self.engine.stop()
         await self.flusher.stop()
         self.db.stop()

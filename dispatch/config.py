@@ -29,6 +29,10 @@ class Config:
     jt808_port: int = 7702
     http_port: int = 8080
     webhook_url: str = ""
+    webhook_secret: str = ""
+    public_url: str = ""
+    relay_110: str = "110"
+    relay_120: str = "120"
     heartbeat_interval: int = 60
     offline_after: int = 3
     flush_interval: float = 2.0
@@ -55,6 +59,10 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.webhook_url and not self.webhook_secret:
+            raise ConfigError("webhook_secret is required with webhook_url (calls are signed)")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError("webhook_url must be an http:// or https:// URL")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("log_level must be debug, info, warning, error or critical")
         if self.log_format not in ("auto", "json", "console"):

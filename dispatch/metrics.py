@@ -29,3 +29,24 @@ FLUSH_SECONDS = Histogram(
     "dispatch_live_flush_duration_seconds", "Duration of one live-state flush"
 )
 DB_ERRORS = Counter("dispatch_db_errors_total", "Database operations that failed", ["op"])
+
+INCIDENTS_OPEN = Gauge("dispatch_incidents_open", "Unresolved incidents by kind", ["kind"])
+ATTEMPTS = Counter(
+    "dispatch_escalation_attempts_total",
+    "Notification attempts by tier and outcome",
+    ["tier", "outcome"],
+)
+FIRST_NOTIFICATION_SECONDS = Histogram(
+    "dispatch_escalation_first_notification_seconds",
+    "Time from an incident's creation to each notification being dispatched",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 120, 300, 600),
+)
+ACCEPTANCE_SECONDS = Histogram(
+    "dispatch_escalation_acceptance_seconds",
+    "Time from an incident's creation to a human accepting it",
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+)
+ESCALATION_LATE = Counter(
+    "dispatch_escalation_late_steps_total", "Escalation steps that fired late (after downtime)"
+)
+CALLBACKS = Counter("dispatch_callbacks_total", "Responder callbacks by result", ["result"])

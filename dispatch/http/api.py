@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
 
 from dispatch.http import validate
 from dispatch.http.openapi import openapi_document
@@ -141,9 +140,14 @@ class Api:
         return 200, {"status": "ok"}
 
 
-def build_site_root(api: Api) -> Resource:
-    """The whole HTTP face: one router with the API, health and metrics."""
+def build_site_root(api: Api, *extra: Any) -> Router:
+    """The whole HTTP face: one router with the API, health and metrics.
+
+    ``extra`` are ``(add_routes, handlers)`` pairs for other parts of the API.
+    """
     router = Router(api.authenticate)
+    for add_routes, handlers in extra:
+        add_routes(router, handlers)
     router.raw["/metrics"] = MetricsResource()
     router.add("GET", "/healthz", api.healthz, None)
     p = PREFIX

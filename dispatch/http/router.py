@@ -118,7 +118,11 @@ class Router(Resource):
             if len(body) > MAX_BODY:
                 raise ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY}")
             query = {k.decode(): v[-1].decode("utf-8", "replace") for k, v in request.args.items()}
-            req = ApiRequest(method, path, params, query, body, principal)
+            headers = {
+                k.decode().lower(): v[-1].decode("latin-1")
+                for k, v in request.requestHeaders.getAllRawHeaders()
+            }
+            req = ApiRequest(method, path, params, query, body, principal, headers)
             return await route.handler(req)
         except ApiError as err:
             return err.status, {"error": err.code, "detail": err.detail, **err.extra}

@@ -132,6 +132,10 @@ class Incident(Base):
     accuracy_m: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str | None] = mapped_column(String(30))
     claimed_by: Mapped[str | None] = mapped_column(String(100))
+    acknowledged_by: Mapped[str | None] = mapped_column(String(100))
+    acknowledged_tier: Mapped[str | None] = mapped_column(String(20))
+    policy_id: Mapped[int | None] = mapped_column(BigInteger)
+    policy_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     acknowledged_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -207,3 +211,68 @@ class ApiToken(Base):
     district: Mapped[str | None] = mapped_column(String(50))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class Policy(Base):
+    """One version of an escalation policy; editing inserts a new version."""
+
+    __tablename__ = "policies"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[str] = mapped_column(String(20))  # global, district, subscriber
+    district: Mapped[str | None] = mapped_column(String(50))
+    subscriber_id: Mapped[int | None] = mapped_column(BigInteger)
+    version: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    document: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    created_by: Mapped[str | None] = mapped_column(String(100))
+
+    __table_args__ = (Index("ix_policies_scope_active", "scope", "active"),)
+
+
+class Escalation(Base):
+    """The concrete plan an incident runs, and how far it has got."""
+
+    __tablename__ = "escalations"
+
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), primary_key=True)
+    plan: Mapped[dict] = mapped_column(JSON)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20))  # running, waiting_relay, stopped, exhausted
+    relay_confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class EscalationTimer(Base):
+    """A step that is due at a time; durable so a restart neither forgets nor repeats it."""
+
+    __tablename__ = "escalation_timers"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # wave, relay_deadline
+    wave: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    fired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_escalation_timers_status_due", "status", "due_at"),)
+
+
+class Attempt(Base):
+    """One call, message or relay to one target, and how it ended."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), index=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    tier: Mapped[str] = mapped_column(String(20))
+    channel: Mapped[str] = mapped_column(String(20))
+    target_name: Mapped[str | None] = mapped_column(String(100))
+    phone: Mapped[str] = mapped_column(String(30))
+    status: Mapped[str] = mapped_column(String(20))  # calling, accepted, declined, ...
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -84,7 +84,9 @@ async def test_sos_creates_incident_before_ack(db_url):
         code, incident = await server.get(f"/api/v1/incidents/{item['id']}")
         assert incident["device_ident"] == IDENT
         assert incident["location"]["lat"] == 27.994
-        assert [t["action"] for t in incident["timeline"]] == ["alarm"]
+        assert [t["action"] for t in incident["timeline"] if t["action"].startswith("alarm")] == [
+            "alarm"
+        ]
         assert await server.metric("dispatch_sos_ack_latency_seconds_count") >= 1
     finally:
         await stop_server(server)
@@ -111,7 +113,9 @@ async def test_resent_sos_creates_one_incident(db_url):
         code, queue = await server.get("/api/v1/incidents")
         assert len(queue["items"]) == 1
         code, incident = await server.get(f"/api/v1/incidents/{queue['items'][0]['id']}")
-        assert [t["action"] for t in incident["timeline"]] == ["alarm"]
+        assert [t["action"] for t in incident["timeline"] if t["action"].startswith("alarm")] == [
+            "alarm"
+        ]
     finally:
         await stop_server(server)
 
@@ -133,8 +137,13 @@ async def test_new_press_joins_open_incident(db_url):
         code, queue = await server.get("/api/v1/incidents")
         assert len(queue["items"]) == 1
         code, incident = await server.get(f"/api/v1/incidents/{queue['items'][0]['id']}")
-        assert [t["action"] for t in incident["timeline"]] == ["alarm", "alarm_repeat"]
-        assert incident["timeline"][1]["detail"]["trigger"] == "fall"
+        assert [t["action"] for t in incident["timeline"] if t["action"].startswith("alarm")] == [
+            "alarm",
+            "alarm_repeat",
+        ]
+        assert [t for t in incident["timeline"] if t["action"] == "alarm_repeat"][0]["detail"][
+            "trigger"
+        ] == "fall"
     finally:
         await stop_server(server)
 

@@ -1,0 +1,255 @@
+"""The escalation engine: from an incident to a human who said "I'm going".
+
+It plans each new incident from its policy, keeps one reactor timer per
+durable timer row, fires waves of notifications through the channel, and
+applies answers and operator actions.  All state that matters lives in the
+store; the in-memory timers are only a schedule of it, rebuilt at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twisted.internet import defer, task
+
+from dispatch import logs, metrics
+from dispatch.routing import policy as pol
+from dispatch.routing.channels import CallRequest, Channel
+from dispatch.store import escalation as repo
+
+log = logs.get(__name__)
+
+MESSAGES = {
+    "sos": "{name} pressed the emergency button{where}. Reply accept if you are going.",
+    "fall": "{name}'s terminal detected a fall{where}. Reply accept if you are going.",
+    "care_missed": "{name} did not answer today's care check. Please check on them.",
+    "offline": "{name}'s emergency terminal is offline. Please check its power.",
+    "low_battery": "{name}'s emergency terminal battery is low. Please charge it.",
+}
+
+
+def _choose(candidates: list[dict[str, Any]], kind: str) -> tuple[dict | None, pol.Policy]:
+    """Subscriber override, then district default, then global; the first for this kind."""
+    rank = {"subscriber": 0, "district": 1, "global": 2}
+    for cand in sorted(candidates, key=lambda c: (rank[c["scope"]], -c["version"])):
+        try:
+            parsed = pol.parse(cand["document"])
+        except pol.PolicyError:
+            log.error("stored_policy_invalid", policy=cand["id"])
+            continue
+        if kind in parsed.kinds:
+            return cand, parsed
+    fallback = pol.parse(
+        pol.DEFAULT_POLICIES["alarm"]
+        if kind in ("sos", "fall")
+        else pol.DEFAULT_POLICIES.get(kind, pol.DEFAULT_POLICIES["offline"])
+    )
+    return None, fallback
+
+
+def _profile(subscriber: dict[str, Any] | None) -> pol.Profile:
+    if subscriber is None:
+        return pol.Profile()
+    return pol.Profile(
+        lives_alone=subscriber.get("living_situation") == "alone",
+        health=subscriber.get("health"),
+        disability=subscriber.get("disability_type"),
+    )
+
+
+class EscalationEngine:
+    """Runs every incident's escalation on an injected clock."""
+
+    def __init__(
+        self,
+        clock: Any,
+        db: Any,
+        channel: Channel,
+        *,
+        callback_base: str,
+        relay_numbers: dict[str, str] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.db = db
+        self.channel = channel
+        self.callback_base = callback_base.rstrip("/")
+        self.relay_numbers = relay_numbers or {"relay_110": "110", "relay_120": "120"}
+        self._calls: dict[int, Any] = {}
+        self._gauge_loop = task.LoopingCall(self._refresh_gauge)
+        self._gauge_loop.clock = clock
+        self.on_change: list[Callable[[int, str], None]] = []
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Install default policies, reschedule stored timers, plan orphaned incidents."""
+        await self.db.write(repo.ensure_policies, pol.DEFAULT_POLICIES, self.now())
+        for timer_id, due in await self.db.read(repo.pending_timers):
+            self._schedule(timer_id, due)
+        for incident_id in await self.db.read(repo.unplanned_incidents):
+            await self.start_incident(incident_id)
+        self._gauge_loop.start(15.0, now=True)
+
+    def stop(self) -> None:
+        """Forget the in-memory schedule (the store keeps the truth)."""
+        for call in self._calls.values():
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        if self._gauge_loop.running:
+            self._gauge_loop.stop()
+
+    async def _refresh_gauge(self) -> None:
+        try:
+            counts = await self.db.read(repo.open_counts)
+        except Exception:
+            log.exception("open_counts_failed")
+            return
+        for kind in pol.KINDS:
+            metrics.INCIDENTS_OPEN.labels(kind).set(counts.get(kind, 0))
+
+    # --- planning ---------------------------------------------------------------------
+
+    def incident_opened(self, incident_id: int) -> None:
+        """Listener entry point: plan and start escalating (never raises)."""
+        d = defer.ensureDeferred(self.start_incident(incident_id))
+        d.addErrback(
+            lambda f: log.error(
+                "escalation_start_failed", incident=incident_id, error=f.getErrorMessage()
+            )
+        )
+
+    async def start_incident(self, incident_id: int) -> None:
+        """Plan the incident from its policy and schedule its first wave now."""
+        ctx = await self.db.read(repo.start_context, incident_id)
+        if ctx is None:
+            return
+        chosen, policy = _choose(ctx["candidates"], ctx["kind"])
+        waves = pol.plan(
+            policy,
+            ctx["kind"],
+            _profile(ctx["subscriber"]),
+            ctx["contacts"],
+            ctx["created_at"],
+            self.relay_numbers,
+        )
+        plan = {
+            "waves": [w.to_json() for w in waves],
+            "relay_deadline_s": policy.relay_deadline_s,
+            "subscriber": ctx["subscriber"],
+        }
+        for timer_id, due in await self.db.write(
+            repo.begin_escalation, incident_id, chosen, plan, self.now()
+        ):
+            self._schedule(timer_id, due)
+
+    # --- timers -----------------------------------------------------------------------
+
+    def _schedule(self, timer_id: int, due: datetime) -> None:
+        old = self._calls.pop(timer_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        delay = max(0.0, due.timestamp() - self.clock.seconds())
+        self._calls[timer_id] = self.clock.callLater(delay, self._fire, timer_id)
+
+    def _fire(self, timer_id: int) -> defer.Deferred[None]:
+        self._calls.pop(timer_id, None)
+        d = defer.ensureDeferred(self._fire_async(timer_id))
+        d.addErrback(lambda f: log.error("timer_failed", timer=timer_id, error=f.getErrorMessage()))
+        return d
+
+    async def _fire_async(self, timer_id: int) -> None:
+        fired = await self.db.write(repo.fire_timer, timer_id, self.now())
+        if fired is None:
+            return
+        for new_id, due in fired.timers:
+            self._schedule(new_id, due)
+        if fired.late:
+            metrics.ESCALATION_LATE.inc()
+        if fired.attempts:
+            self._changed(fired.incident_id, "notified")
+            await defer.DeferredList(
+                [defer.ensureDeferred(self._send(fired, a)) for a in fired.attempts],
+                consumeErrors=True,
+            )
+
+    async def _send(self, fired: repo.Fired, attempt: dict[str, Any]) -> None:
+        ctx = fired.context or {}
+        sub = ctx.get("subscriber") or {}
+        where = f" at {sub['address']}" if sub.get("address") else ""
+        message = MESSAGES.get(ctx.get("kind", "sos"), MESSAGES["sos"]).format(
+            name=sub.get("name", "A subscriber"), where=where
+        )
+        request = CallRequest(
+            type="relay"
+            if attempt["channel"] == "relay"
+            else ("sms" if attempt["channel"] == "sms" else "call"),
+            attempt_id=attempt["id"],
+            incident_id=fired.incident_id,
+            incident_kind=ctx.get("kind", "sos"),
+            tier=attempt["tier"],
+            channel=attempt["channel"],
+            phone=attempt["phone"],
+            name=attempt["name"],
+            relation=attempt.get("relation"),
+            subscriber=dict(sub, location=ctx.get("location")) if sub else None,
+            message=message,
+            callback_url=f"{self.callback_base}/api/v1/callbacks/{attempt['id']}",
+            expires_at=(self.now() + timedelta(hours=1)).isoformat(),
+        )
+        created = ctx.get("created_at")
+        if created is not None:
+            metrics.FIRST_NOTIFICATION_SECONDS.observe(
+                max(0.0, self.clock.seconds() - created.timestamp())
+            )
+        ok = await self.channel.send(request)
+        if ok:
+            metrics.ATTEMPTS.labels(attempt["tier"], "sent").inc()
+            return
+        metrics.ATTEMPTS.labels(attempt["tier"], "failed").inc()
+        try:
+            await self.answer(attempt["id"], "failed", None)
+        except Exception as exc:  # already answered or closed meanwhile: nothing to do
+            log.info("failed_attempt_not_recorded", attempt=attempt["id"], error=str(exc))
+
+    # --- answers and operator actions ---------------------------------------------------
+
+    async def answer(self, attempt_id: str, answer: str, responder: str | None) -> dict:
+        """Apply a responder's accept/decline (or a channel failure)."""
+        result = await self.db.write(repo.answer_attempt, attempt_id, answer, responder, self.now())
+        for timer_id, due in result["timers"]:
+            self._schedule(timer_id, due)
+        if answer != "failed":
+            metrics.ATTEMPTS.labels(result["tier"], result["result"]).inc()
+        if result["result"] == "accepted":
+            metrics.ACCEPTANCE_SECONDS.observe(
+                max(0.0, self.clock.seconds() - result["created_at"].timestamp())
+            )
+        self._changed(result["incident_id"], result["result"])
+        return result
+
+    async def operator(self, incident_id: int, action: str, actor: str, **kw: Any) -> dict:
+        """Apply an operator's action and reschedule what it created."""
+        result = await self.db.write(
+            repo.operator_action, incident_id, action, actor, self.now(), **kw
+        )
+        for timer_id, due in result["timers"]:
+            self._schedule(timer_id, due)
+        if action == "acknowledge":
+            metrics.ACCEPTANCE_SECONDS.observe(
+                max(0.0, self.clock.seconds() - result["created_at"].timestamp())
+            )
+        self._changed(incident_id, action)
+        return result
+
+    def _changed(self, incident_id: int, what: str) -> None:
+        for listener in self.on_change:
+            try:
+                listener(incident_id, what)
+            except Exception:
+                log.exception("change_listener_failed", incident=incident_id)
