@@ -14,7 +14,8 @@ from io import BytesIO
 from typing import Any, Protocol
 
 from twisted.internet import defer, task
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.internet import protocol as tproto
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from dispatch import logs
@@ -72,6 +73,17 @@ class LogChannel:
         return defer.succeed(True)
 
 
+class _Drain(tproto.Protocol):
+    """Read and discard a response body (the answer comes later, by callback)."""
+
+    def __init__(self, done: defer.Deferred[None]) -> None:
+        self.done = done
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
 class WebhookChannel:
     """POST signed JSON to a URL; retry with backoff; time out a hanging endpoint."""
 
@@ -125,9 +137,10 @@ class WebhookChannel:
             d = self.agent.request(b"POST", self.url, headers, FileBodyProducer(BytesIO(body)))
             d.addTimeout(self.timeout_s, self.reactor)
             response = await d
-            read = readBody(response)
-            read.addTimeout(self.timeout_s, self.reactor)
-            await read
+            done: defer.Deferred[None] = defer.Deferred()
+            response.deliverBody(_Drain(done))
+            done.addTimeout(self.timeout_s, self.reactor)
+            await done
         except Exception as exc:  # timeouts, refused connections, resets: all "failed"
             return f"{type(exc).__name__}: {exc}"[:200]
         if 200 <= response.code < 300:

@@ -236,7 +236,13 @@ class EscalationEngine:
     async def operator(self, incident_id: int, action: str, actor: str, **kw: Any) -> dict:
         """Apply an operator's action and reschedule what it created."""
         result = await self.db.write(
-            repo.operator_action, incident_id, action, actor, self.now(), **kw
+            repo.operator_action,
+            incident_id,
+            action,
+            actor,
+            self.now(),
+            kw.get("outcome"),
+            kw.get("text"),
         )
         for timer_id, due in result["timers"]:
             self._schedule(timer_id, due)

@@ -10,7 +10,7 @@ from sqlalchemy import case, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from dispatch.store.errors import NotFound
-from dispatch.store.models import EventLog, Incident, SosFrame, TimelineEntry
+from dispatch.store.models import Escalation, EventLog, Incident, SosFrame, TimelineEntry
 
 # Lower is more urgent; the live queue sorts on it.
 PRIORITY = {"sos": 1, "fall": 1, "care_missed": 2, "offline": 3, "low_battery": 4}
@@ -151,6 +151,10 @@ def incident_dict(i: Incident, with_timeline: bool = True) -> dict[str, Any]:
         "resolved_at": i.resolved_at.isoformat() if i.resolved_at else None,
         "outcome": i.outcome,
         "claimed_by": i.claimed_by,
+        "acknowledged_by": i.acknowledged_by,
+        "acknowledged_tier": i.acknowledged_tier,
+        "policy_id": i.policy_id,
+        "policy_version": i.policy_version,
         "location": (
             {"lat": i.lat, "lon": i.lon, "accuracy_m": i.accuracy_m} if i.lat is not None else None
         ),
@@ -187,4 +191,16 @@ def get_incident(session: Session, incident_id: int) -> dict[str, Any]:
     )
     if incident is None:
         raise NotFound(f"incident {incident_id} does not exist")
-    return incident_dict(incident)
+    out = incident_dict(incident)
+    esc = session.get(Escalation, incident_id)
+    out["escalation"] = None
+    if esc is not None:
+        waves = esc.plan.get("waves", [])
+        nxt = waves[esc.cursor] if esc.cursor < len(waves) else None
+        out["escalation"] = {
+            "state": esc.state,
+            "step": esc.cursor,
+            "steps": len(waves),
+            "current_tier": nxt["tier"] if nxt else None,
+        }
+    return out

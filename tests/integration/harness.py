@@ -91,7 +91,7 @@ class Server:
 
 
 def config(db_url: str, **overrides: Any) -> Config:
-    return Config(db=db_url, host="127.0.0.1", webhook_url="", **overrides)
+    return Config(**{"db": db_url, "host": "127.0.0.1", "webhook_url": "", **overrides})
 
 
 async def start_server(db_url: str, ports: dict[str, int] | None = None, **overrides: Any):
@@ -159,3 +159,95 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+SECRET = "test-secret"
+
+
+class LineCollector:
+    """A ProcessProtocol that keeps stdout JSON lines and stderr text of a child."""
+
+    def __init__(self) -> None:
+        from twisted.internet import protocol
+
+        collector = self
+
+        class _Proto(protocol.ProcessProtocol):
+            def outReceived(self, data: bytes) -> None:
+                collector._out += data
+                *whole, collector._out = collector._out.split(b"\n")
+                for line in whole:
+                    if line.startswith(b"{"):
+                        collector.lines.append(json.loads(line))
+
+            def errReceived(self, data: bytes) -> None:
+                collector.err += data
+
+            def processEnded(self, reason: Any) -> None:
+                collector.ended.callback(getattr(reason.value, "exitCode", None))
+
+        self.lines: list[dict[str, Any]] = []
+        self.err = b""
+        self._out = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.protocol = _Proto()
+        self.transport: Any = None
+
+    def spawn(self, args: list[str], env: dict[str, str] | None = None) -> LineCollector:
+        self.transport = reactor.spawnProcess(
+            self.protocol,
+            sys.executable,
+            [sys.executable, *args],
+            env={**os.environ, **(env or {})},
+            path=ROOT,
+        )
+        return self
+
+    async def wait_for(self, predicate: Any, seconds: float = 20.0) -> list[dict[str, Any]]:
+        """Wait until some collected lines satisfy ``predicate``; returns those lines."""
+        deadline = reactor.seconds() + seconds
+        while reactor.seconds() < deadline:
+            found = [line for line in self.lines if predicate(line)]
+            if found:
+                return found
+            await sleep(0.05)
+        raise AssertionError(f"timed out; lines so far: {self.lines} stderr: {self.err[-2000:]}")
+
+    async def stop(self, sig: str = "TERM") -> None:
+        if not self.ended.called:
+            self.transport.signalProcess(sig)
+            await wait(self.ended, 20)
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for children that need one before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_responders(tmp_path: Any, script: dict[str, Any]) -> tuple[LineCollector, int]:
+    """Run simulators.responders with ``script``; returns the collector and its port."""
+    path = tmp_path / "responders.json"
+    path.write_text(json.dumps(script))
+    port = free_port()
+    proc = LineCollector().spawn(
+        [
+            "-m",
+            "simulators.responders",
+            "--port",
+            str(port),
+            "--script",
+            str(path),
+            "--secret",
+            SECRET,
+            "--duration",
+            "120",
+        ]
+    )
+    deadline = reactor.seconds() + 15
+    while b"listening" not in proc.err:
+        if reactor.seconds() > deadline or proc.ended.called:
+            raise AssertionError(f"responders did not start: {proc.err.decode()}")
+        await sleep(0.05)
+    return proc, port
