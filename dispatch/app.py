@@ -10,10 +10,12 @@ from twisted.internet import threads
 from twisted.web import server
 
 from dispatch import logs
+from dispatch.bus import QueueBus
 from dispatch.config import Config
 from dispatch.gateway import Gateway
 from dispatch.http import escalation_api
-from dispatch.http.api import Api, build_site_root
+from dispatch.http.api import ALL, Api, build_site_root
+from dispatch.http.stream import open_stream
 from dispatch.livestate import DeviceLive, LiveState, LiveStateFlusher, utc
 from dispatch.protocol.base import StreamCodec
 from dispatch.protocol.native import NativeCodec
@@ -74,6 +76,12 @@ class DispatchApp:
             relay_numbers={"relay_110": config.relay_110, "relay_120": config.relay_120},
         )
         self.gateway.incident_listeners.append(self._incident_opened)
+        self.bus = QueueBus()
+        self.engine.on_change.append(
+            lambda incident_id, what: self.bus.publish(
+                {"type": "incident", "id": incident_id, "what": what}
+            )
+        )
         self.ports: dict[str, int] = {}
         self._listening: list[Any] = []
         self._factories: list[TerminalStreamFactory] = []
@@ -91,7 +99,16 @@ class DispatchApp:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
         return f"http://{host}:{self.config.http_port}"
 
-    def _incident_opened(self, record: Any, _event: Any, _device: Any) -> None:
+    def _incident_opened(self, record: Any, event: Any, _device: Any) -> None:
+        what = "new" if record.created else "alarm_repeat"
+        self.bus.publish(
+            {
+                "type": "incident",
+                "id": record.incident_id,
+                "what": what,
+                "trigger": event.trigger.name.lower(),
+            }
+        )
         if record.created:
             self.engine.incident_opened(record.incident_id)
 
@@ -146,7 +163,12 @@ class DispatchApp:
             handlers = escalation_api.EscalationApi(
                 self.engine, self.db, self.reactor, self.config.webhook_secret.encode()
             )
-            site = server.Site(build_site_root(self.api, (escalation_api.add_routes, handlers)))
+            root = build_site_root(self.api, (escalation_api.add_routes, handlers))
+            root.streams["/api/v1/incidents/stream"] = (
+                lambda request: open_stream(request, self.bus, self.reactor),
+                ALL,
+            )
+            site = server.Site(root)
             site.noisy = False
             self._listen("http", self.reactor.listenTCP(port, site, interface=host))
             if not self.config.public_url:
@@ -171,5 +193,6 @@ class DispatchApp:
         for factory in self._factories:
             factory.close_all("shutdown")
         self.engine.stop()
+        self.bus.close()
         await self.flusher.stop()
         self.db.stop()

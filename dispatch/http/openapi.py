@@ -167,6 +167,52 @@ PAGING = [
 NOT_FOUND = {"404": _json(_ref("Error"), "No such object")}
 
 
+def _incident_actions() -> dict[str, Any]:
+    conflict = {"409": _json(_ref("Error"), "conflicts with the incident's state"), **NOT_FOUND}
+    iid = [_p("id", {"type": "integer"})]
+    body = {
+        "resolve": {
+            "type": "object",
+            "required": ["outcome"],
+            "properties": {
+                "outcome": {
+                    "type": "string",
+                    "enum": [
+                        "false_alarm",
+                        "helped_by_family",
+                        "community_visit",
+                        "ambulance",
+                        "police",
+                        "other",
+                    ],
+                }
+            },
+        },
+        "notes": {
+            "type": "object",
+            "required": ["text"],
+            "properties": {"text": {"type": "string"}},
+        },
+    }
+    out: dict[str, Any] = {}
+    for action, summary in (
+        ("claim", "Take the incident (409 if another operator has it)"),
+        ("acknowledge", "A human is on it: stops the escalation"),
+        ("resolve", "Close with an outcome"),
+        ("notes", "Add a note to the timeline"),
+        ("relay/confirm", "Send the pending 110/120 relay now"),
+        ("relay/skip", "Do not relay; continue with the next step"),
+    ):
+        op = _op(summary, {"200": {"description": "done"}, **conflict}, parameters=iid)
+        if action in body:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body[action]}},
+            }
+        out[f"/api/v1/incidents/{{id}}/{action}"] = {"post": op}
+    return out
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     """Build (once) the OpenAPI document."""
@@ -293,6 +339,86 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "/api/v1/openapi.json": {"get": _op("This document", {"200": {"description": "ok"}})},
+        "/api/v1/incidents/stream": {
+            "get": _op(
+                "Server-Sent Events: one `incident` event per queue change "
+                "(data: {type, id, what}); a comment every 15 s keeps it open",
+                {
+                    "200": {
+                        "description": "text/event-stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+            )
+        },
+        **_incident_actions(),
+        "/api/v1/callbacks/{attempt}": {
+            "post": {
+                "summary": "A responder's answer, signed with the webhook secret "
+                "(X-Dispatch-Timestamp, X-Dispatch-Signature); see docs/channels.md",
+                "security": [],
+                "parameters": [_p("attempt", {"type": "string"})],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["answer"],
+                                "properties": {
+                                    "answer": {"type": "string", "enum": ["accept", "decline"]},
+                                    "responder": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "applied"},
+                    "401": _json(_ref("Error"), "bad or stale signature"),
+                    "404": _json(_ref("Error"), "unknown attempt"),
+                    "409": _json(_ref("Error"), "already answered or incident closed"),
+                },
+            }
+        },
+        "/api/v1/policies": {
+            "get": _op(
+                "Escalation policies (active; ?all=1 for every version)",
+                {"200": {"description": "ok"}},
+            ),
+            "post": _op(
+                "Save a new version of a policy (admin); refused if invalid",
+                {"201": {"description": "saved"}},
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["name", "document"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "scope": {
+                                        "type": "string",
+                                        "enum": ["global", "district", "subscriber"],
+                                    },
+                                    "district": {"type": "string"},
+                                    "subscriber_id": {"type": "integer"},
+                                    "document": {"type": "object"},
+                                },
+                            }
+                        }
+                    },
+                },
+            ),
+        },
+        "/api/v1/policies/{id}": {
+            "get": _op(
+                "One policy version",
+                {"200": {"description": "ok"}, **NOT_FOUND},
+                parameters=[_p("id", {"type": "integer"})],
+            )
+        },
     }
     return {
         "openapi": "3.1.0",

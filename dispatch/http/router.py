@@ -74,6 +74,12 @@ class ApiRequest:
 
 
 Handler = Callable[[ApiRequest], Awaitable[tuple[int, Any]]]
+
+
+async def _no_handler(req: ApiRequest) -> tuple[int, Any]:
+    raise ApiError(404, "not_found", "no handler")
+
+
 Authenticator = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
@@ -94,6 +100,7 @@ class Router(Resource):
         super().__init__()
         self.routes: list[Route] = []
         self.raw: dict[str, Resource] = {}
+        self.streams: dict[str, tuple[Callable[[server.Request], None], tuple[str, ...]]] = {}
         self.authenticate = authenticate
 
     def add(self, method: str, path: str, handler: Handler, roles: tuple[str, ...] | None) -> None:
@@ -105,6 +112,10 @@ class Router(Resource):
         path = request.path.decode("utf-8", "replace")
         if path in self.raw:
             return self.raw[path].render(request)
+        if path in self.streams and request.method == b"GET":
+            d = defer.ensureDeferred(self._open_stream(request, path))
+            d.addCallback(lambda err: err and self._write(request, *err))
+            return server.NOT_DONE_YET
         d = defer.ensureDeferred(self._dispatch(request, path))
         d.addCallback(lambda result: self._write(request, *result))
         return server.NOT_DONE_YET
@@ -133,6 +144,16 @@ class Router(Resource):
         except Exception:
             log.exception("api_handler_failed", method=method, path=path)
             return 500, {"error": "internal", "detail": "the server could not complete this"}
+
+    async def _open_stream(self, request: server.Request, path: str) -> tuple | None:
+        opener, roles = self.streams[path]
+        route = Route("GET", re.compile(""), _no_handler, roles)
+        try:
+            await self._auth(request, route)
+        except ApiError as err:
+            return err.status, {"error": err.code, "detail": err.detail}
+        opener(request)
+        return None
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed = []

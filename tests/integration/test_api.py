@@ -212,3 +212,52 @@ async def test_openapi_document_lists_every_route(db_url):
             assert path in doc["paths"], path
     finally:
         await stop_server(server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_stream_pushes_new_incidents(db_url):
+    """The SSE stream needs a token and pushes an event when an SOS opens an incident."""
+    from twisted.internet import defer, protocol
+
+    from dispatch import events as ev
+    from simulators.native_codec import NativeTerminalCodec
+    from tests.integration.harness import RawClient, sleep
+
+    server = await start_server(db_url)
+    try:
+        code, _, _ = await _raw(server, "GET", "/api/v1/incidents/stream")
+        assert code == 401
+        await server.subscriber("860000000000002")
+        received: list[bytes] = []
+        done: defer.Deferred = defer.Deferred()
+
+        class Collect(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+            def connectionLost(self, reason=None) -> None:
+                done.callback(None)
+
+        resp = await wait(
+            treq.get(
+                server.base + "/api/v1/incidents/stream",
+                headers={"Authorization": f"Bearer {server.token}"},
+            )
+        )
+        assert resp.code == 200
+        assert resp.headers.getRawHeaders("content-type")[0].startswith("text/event-stream")
+        resp.deliverBody(Collect())
+        codec = NativeTerminalCodec("860000000000002")
+        client = RawClient(server.ports["native"])
+        client.send(codec.login())
+        client.send(codec.sos(ev.SosTrigger.FALL, None, 1_800_000_000, 50)[0])
+        for _ in range(50):
+            if b"event: incident" in b"".join(received):
+                break
+            await sleep(0.1)
+        client.close()
+        text = b"".join(received).decode()
+        data = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+        assert {"id": 1, "what": "new", "type": "incident", "trigger": "fall"} in data
+    finally:
+        await stop_server(server)
