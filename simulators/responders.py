@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from typing import IO, Any
 
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None, out: IO[str] = sys.stdout) -> int:
     from twisted.internet import error, reactor
     from twisted.web.client import Agent
 
+    _install_stop_signals(reactor)
+
     site = ResponderSite(script, opts.secret, reactor, Agent(reactor), out)
     try:
         port = reactor.listenTCP(opts.port, site, interface=opts.host)
@@ -421,11 +424,33 @@ def main(argv: list[str] | None = None, out: IO[str] = sys.stdout) -> int:
     )
     reactor.addSystemEventTrigger("before", "shutdown", site.resource.stop)
     if opts.duration is not None:
-        reactor.callLater(opts.duration, reactor.stop)
-    # reactor.run() installs SIGINT/SIGTERM handlers that stop the reactor, which runs
-    # the shutdown trigger above and closes the listening port.
+        reactor.callLater(opts.duration, _stop_reactor, reactor)
     reactor.run()
     return 0
+
+
+def _stop_reactor(reactor: Any) -> None:
+    # A signal and --duration can both ask; the second must not raise ReactorNotRunning.
+    if reactor.running:
+        reactor.stop()
+
+
+def _install_stop_signals(reactor: Any) -> None:
+    """Make SIGINT and SIGTERM stop the reactor cleanly, from now on.
+
+    Twisted's own handlers are installed only once ``reactor.run()`` starts, and its
+    SIGINT handler only when SIGINT is at Python's default, which it is not for a
+    process started with ``&`` from a script (inherited SIG_IGN).  A harness that
+    starts us in the background and sends SIGINT, or signals us before the reactor
+    runs, would otherwise see no effect or a KeyboardInterrupt traceback.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        # callFromThread is the signal-safe way in; queued calls run once the loop runs.
+        reactor.callFromThread(_stop_reactor, reactor)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -357,6 +358,20 @@ def test_callback_connection_error_is_recorded() -> None:
     assert rig.resource.pending() == 0
 
 
+class RaisingAgent(FakeAgent):
+    def request(self, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        raise ValueError("bad URI")
+
+
+def test_agent_raising_synchronously_is_recorded() -> None:
+    """An Agent that raises (e.g. on a malformed callback URL) yields an error line, not a crash."""
+    rig = Rig(agent=RaisingAgent())
+    rig.post(make_call("13900000002", attempt="r1"))
+    rig.clock.advance(0)
+    assert rig.lines()[-1] == {"callback": "r1", "status": "error: ValueError: bad URI"}
+    assert rig.resource.pending() == 0
+
+
 def test_missing_callback_url_is_reported_not_crashed() -> None:
     """accept with no callback_url: the call is still 200; the line says there was no URL."""
     rig = Rig()
@@ -454,6 +469,33 @@ def test_cli_bad_script_exits_2(tmp_path: Path, content: str | None) -> None:
     assert proc.returncode == 2
     assert "responders:" in proc.stderr and str(path) in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_cleanly_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGINT or SIGTERM stops the running simulator with status 0 and no traceback."""
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(SCRIPT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulators.responders", "--port", "0", "--script", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert "listening on" in proc.stderr.readline()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert out == ""
 
 
 def test_cli_runs_for_duration_and_exits_0(tmp_path: Path) -> None:
