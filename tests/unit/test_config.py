@@ -37,7 +37,10 @@ def test_defaults_without_any_source() -> None:
 
 def test_file_overrides_defaults(toml) -> None:
     """A setting in the TOML file replaces the default; the others keep theirs."""
-    path = toml('native_port = 7800\nflush_interval = 0.5\nwebhook_url = "http://x/hook"\n')
+    path = toml(
+        'native_port = 7800\nflush_interval = 0.5\nwebhook_url = "http://x/hook"\n'
+        'webhook_secret = "s"\n'
+    )
     cfg = config.load(parse("--config", path), env={})
     assert (cfg.native_port, cfg.flush_interval, cfg.webhook_url) == (7800, 0.5, "http://x/hook")
     assert cfg.gt06_port == 7701
@@ -166,3 +169,13 @@ def test_non_integer_file_value_for_port_refused(toml, value: str) -> None:
     """A TOML float or boolean for an integer setting is refused, not silently truncated."""
     with pytest.raises(ConfigError, match="native_port"):
         config.load(parse("--config", toml(f"native_port = {value}\n")), env={})
+
+
+def test_webhook_url_needs_a_secret() -> None:
+    """A webhook URL without a signing secret is refused: unsigned calls could be forged."""
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        config.load(parse("--webhook-url", "http://127.0.0.1:9/hook"), env={})
+    cfg = config.load(
+        parse("--webhook-url", "http://127.0.0.1:9/hook", "--webhook-secret", "s"), env={}
+    )
+    assert cfg.webhook_secret == "s"
