@@ -30,6 +30,15 @@ MAX_ROUNDS = 5
 MAX_WAIT_S = 24 * 3600
 
 
+def _names(value: Any, allowed: tuple[str, ...]) -> bool:
+    """A non-empty list of strings drawn from ``allowed`` (checked before hashing anything)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, str) and v in allowed for v in value)
+    )
+
+
 class PolicyError(ValueError):
     """A policy document that cannot be used; the message says why."""
 
@@ -127,9 +136,7 @@ def _when(raw: Any, where: str) -> dict[str, Any]:
     for key in ("night", "lives_alone"):
         if key in raw and not isinstance(raw[key], bool):
             raise PolicyError(f"{where}when.{key} must be true or false")
-    if "kinds" in raw and (
-        not isinstance(raw["kinds"], list) or not set(raw["kinds"]) <= set(KINDS)
-    ):
+    if "kinds" in raw and not _names(raw["kinds"], KINDS):
         raise PolicyError(f"{where}when.kinds must be a list drawn from {list(KINDS)}")
     for key in ("health", "disability"):
         if key in raw and not (
@@ -154,7 +161,7 @@ def _step(raw: Any, n: int) -> Step:
         raise PolicyError(f"{where}targets must be one of {list(TARGETS)}, got {targets!r}")
     relay = tier.startswith("relay_")
     channels = raw.get("channels", ["relay"] if relay else ["voice"])
-    if not isinstance(channels, list) or not channels or not set(channels) <= set(CHANNELS):
+    if not _names(channels, CHANNELS):
         raise PolicyError(f"{where}channels must be a non-empty list drawn from {list(CHANNELS)}")
     if relay != ("relay" in channels) or (relay and len(channels) != 1):
         raise PolicyError(f"{where}channels: relay tiers use exactly ['relay'], others never do")
@@ -176,7 +183,7 @@ def parse(doc: Any) -> Policy:
     if unknown:
         raise PolicyError(f"policy has unknown fields {sorted(unknown)}")
     kinds = doc.get("kinds")
-    if not isinstance(kinds, list) or not kinds or not set(kinds) <= set(KINDS):
+    if not _names(kinds, KINDS):
         raise PolicyError(f"kinds must be a non-empty list drawn from {list(KINDS)}")
     steps = doc.get("steps")
     if not isinstance(steps, list) or not steps:
