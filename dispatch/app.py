@@ -13,7 +13,7 @@ from dispatch import logs
 from dispatch.bus import QueueBus
 from dispatch.config import Config
 from dispatch.gateway import Gateway
-from dispatch.http import escalation_api
+from dispatch.http import care_api, escalation_api
 from dispatch.http.api import ALL, Api, build_site_root
 from dispatch.http.stream import open_stream
 from dispatch.livestate import DeviceLive, LiveState, LiveStateFlusher, utc
@@ -21,6 +21,7 @@ from dispatch.protocol.base import StreamCodec
 from dispatch.protocol.native import NativeCodec
 from dispatch.protocol.native_udp import NativeDatagramProtocol
 from dispatch.protocol.transport import TerminalStreamFactory
+from dispatch.routing.care import CareConfig, CareScheduler
 from dispatch.routing.channels import Channel, LogChannel, WebhookChannel
 from dispatch.routing.engine import EscalationEngine
 from dispatch.store import db as dbmod
@@ -64,6 +65,7 @@ class DispatchApp:
             self.live,
             heartbeat_interval=config.heartbeat_interval,
             sos_dedup=timedelta(hours=config.sos_dedup_hours),
+            low_battery=config.low_battery,
         )
         self.live.on_offline.append(self._device_offline)
         self.flusher = LiveStateFlusher(reactor, self.db, self.live, config.flush_interval)
@@ -76,6 +78,20 @@ class DispatchApp:
             relay_numbers={"relay_110": config.relay_110, "relay_120": config.relay_120},
         )
         self.gateway.incident_listeners.append(self._incident_opened)
+        self.care = CareScheduler(
+            reactor,
+            self.db,
+            self.gateway,
+            self.engine.channel,
+            self.engine,
+            callback_base=self.engine.callback_base,
+            config=CareConfig(
+                offline_after_s=config.offline_incident_after,
+                inactivity_days=config.inactivity_days,
+            ),
+        )
+        self.gateway.care_listeners.append(self.care.terminal_answer)
+        self.gateway.battery_listeners.append(self.care.battery_low)
         self.bus = QueueBus()
         self.engine.on_change.append(
             lambda incident_id, what: self.bus.publish(
@@ -163,7 +179,12 @@ class DispatchApp:
             handlers = escalation_api.EscalationApi(
                 self.engine, self.db, self.reactor, self.config.webhook_secret.encode()
             )
-            root = build_site_root(self.api, (escalation_api.add_routes, handlers))
+            handlers.care = self.care
+            root = build_site_root(
+                self.api,
+                (escalation_api.add_routes, handlers),
+                (care_api.add_routes, care_api.CareApi(self.db, self.care)),
+            )
             root.streams["/api/v1/incidents/stream"] = (
                 lambda request: open_stream(request, self.bus, self.reactor),
                 ALL,
@@ -175,8 +196,10 @@ class DispatchApp:
                 self.engine.callback_base = self._public_url().rsplit(":", 1)[0] + (
                     f":{self.ports['http']}"
                 )
+                self.care.callback_base = self.engine.callback_base
         self.flusher.start()
         await self.engine.start()
+        self.care.start()
         log.info("serving", db=self.config.db.split("@")[-1], ports=self.ports)
 
     def _listen(self, name: str, port: Any) -> None:
@@ -192,6 +215,7 @@ class DispatchApp:
             link.close("shutdown")
         for factory in self._factories:
             factory.close_all("shutdown")
+        self.care.stop()
         self.engine.stop()
         self.bus.close()
         await self.flusher.stop()

@@ -33,6 +33,9 @@ class Config:
     public_url: str = ""
     relay_110: str = "110"
     relay_120: str = "120"
+    low_battery: int = 20
+    offline_incident_after: float = 7200.0
+    inactivity_days: float = 7.0
     heartbeat_interval: int = 60
     offline_after: int = 3
     flush_interval: float = 2.0
@@ -48,7 +51,11 @@ class Config:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535 (0 disables), got {port}")
+        if not 1 <= self.low_battery <= 99:
+            raise ConfigError(f"low_battery must be 1-99 (percent), got {self.low_battery}")
         positive = (
+            "offline_incident_after",
+            "inactivity_days",
             "heartbeat_interval",
             "offline_after",
             "flush_interval",

@@ -56,6 +56,7 @@ class Gateway:
         *,
         heartbeat_interval: int = 60,
         sos_dedup: timedelta = timedelta(hours=24),
+        low_battery: int = 20,
     ) -> None:
         self.clock = clock
         self.db = db
@@ -65,6 +66,8 @@ class Gateway:
         self.links: dict[str, TerminalLink] = {}
         self.incident_listeners: list[IncidentListener] = []
         self.care_listeners: list[Callable[[ev.CareCheckAnswer, DeviceInfo], None]] = []
+        self.battery_listeners: list[Callable[[str, int], None]] = []
+        self.low_battery = low_battery
 
     # --- entry point ----------------------------------------------------------------
 
@@ -85,11 +88,25 @@ class Gateway:
         now = self.clock.seconds()
         d = self.live.seen(device.id, device.ident, now)
         if isinstance(event, ev.Heartbeat):
+            if (
+                event.battery is not None
+                and event.battery < self.low_battery
+                and (d.battery is None or d.battery >= self.low_battery)
+            ):
+                self._battery_low(device.ident, event.battery)
             self.live.heartbeat(d, event.battery, event.charging, event.signal, event.location)
             return Outcome.accept(now)
         if isinstance(event, ev.Sos):
             return defer.ensureDeferred(self._sos(device, d, event, now))
         return self._other(link, device, d, event, now)
+
+    def _battery_low(self, ident: str, battery: int) -> None:
+        """The battery just crossed below the threshold (once per crossing, not per frame)."""
+        for listener in self.battery_listeners:
+            try:
+                listener(ident, battery)
+            except Exception:
+                log.exception("battery_listener_failed", ident=ident)
 
     def _reject(self, link: TerminalLink, reason: ev.Reject, kind: str) -> Outcome:
         metrics.REJECTS.labels(link.protocol, reason.name.lower()).inc()

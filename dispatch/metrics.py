@@ -50,3 +50,10 @@ ESCALATION_LATE = Counter(
     "dispatch_escalation_late_steps_total", "Escalation steps that fired late (after downtime)"
 )
 CALLBACKS = Counter("dispatch_callbacks_total", "Responder callbacks by result", ["result"])
+
+CARE_ROUNDS = Counter("dispatch_care_rounds_total", "Care rounds by what happened", ["result"])
+CARE_LAG_SECONDS = Histogram(
+    "dispatch_care_scheduler_lag_seconds",
+    "How late the care scheduler acted on a round (timer fire minus due time)",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300),
+)

@@ -25,6 +25,7 @@ class EscalationApi:
         self.db = db
         self.clock = clock
         self.secret = secret
+        self.care: Any = None  # the care scheduler, for care-call answers
 
     @staticmethod
     def _incident_id(req: ApiRequest) -> int:
@@ -97,6 +98,13 @@ class EscalationApi:
             raise ApiError(401, "bad_signature", f"callback signature rejected: {problem}")
         body = req.json()
         answer = body.get("answer") if isinstance(body, dict) else None
+        attempt = req.params["attempt"]
+        if attempt.startswith("care-") and self.care is not None:
+            if answer not in ("accept", "decline", "ok", "help"):
+                raise ApiError(400, "validation_failed", "answer must be ok or help")
+            result = await self.care.callback_answer(attempt[5:], answer)
+            metrics.CALLBACKS.labels("ok").inc()
+            return 200, {"round_id": result["round_id"], "result": result["result"]}
         if answer not in ("accept", "decline"):
             metrics.CALLBACKS.labels("invalid").inc()
             raise ApiError(400, "validation_failed", "answer must be accept or decline")

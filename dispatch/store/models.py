@@ -114,6 +114,8 @@ class Device(Base):
 
     subscriber: Mapped[Subscriber | None] = relationship(back_populates="devices")
 
+    __table_args__ = (Index("ix_devices_online_last_seen", "online", "last_seen"),)
+
 
 class Incident(Base):
     """Something that needs a human: an SOS, a fall, a missed care check, a silent terminal."""
@@ -276,3 +278,48 @@ class Attempt(Base):
     status: Mapped[str] = mapped_column(String(20))  # calling, accepted, declined, ...
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class CarePlanOverride(Base):
+    """A care-plan document for one subscriber or one district's default."""
+
+    __tablename__ = "care_plans"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(20))  # district, subscriber
+    district: Mapped[str | None] = mapped_column(String(50))
+    subscriber_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    document: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_by: Mapped[str | None] = mapped_column(String(100))
+
+    __table_args__ = (Index("ix_care_plans_scope_district", "scope", "district"),)
+
+
+class CareRound(Base):
+    """One care check of one subscriber: due, prompted, answered, retried or missed."""
+
+    __tablename__ = "care_rounds"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id"))
+    district: Mapped[str] = mapped_column(String(50))
+    due_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    next_action_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(20))  # scheduled prompted answered missed ...
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    channel: Mapped[str | None] = mapped_column(String(20))  # terminal, voice
+    answer: Mapped[str | None] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(String(30))  # schedule, inactivity
+    prompted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    answered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+    incident_id: Mapped[int | None] = mapped_column(BigInteger)
+    callback_token: Mapped[str | None] = mapped_column(String(40), unique=True)
+    params: Mapped[dict] = mapped_column(JSON)  # answer window, retries, spacing
+
+    __table_args__ = (
+        Index("ix_care_rounds_status_next", "status", "next_action_at"),
+        Index("ix_care_rounds_subscriber_due", "subscriber_id", "due_at"),
+        Index("ix_care_rounds_district_due", "district", "due_at"),
+    )
