@@ -41,7 +41,7 @@ class CareConfig:
     offline_after_s: float = 2 * 3600.0
     inactivity_days: float = 7.0
     inactivity_every_s: float = 3600.0
-    late_after_s: float = 5.0
+    late_after_s: float = 2.0
 
 
 def plan_for(inputs: dict[str, Any]) -> cs.CarePlan:

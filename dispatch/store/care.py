@@ -239,11 +239,12 @@ def act(session: Session, round_id: int, now: datetime, late_after: timedelta) -
 
 
 def _expired(session: Session, rnd: CareRound, now: datetime, late: bool) -> dict[str, Any]:
+    rnd.late = rnd.late or late
     if rnd.attempts <= rnd.params["retries"]:
         rnd.status = "scheduled"
         rnd.next_action_at = now + timedelta(seconds=rnd.params["retry_spacing_s"])
         return {"do": "retry", "at": rnd.next_action_at, "round_id": rnd.id, "late": late}
-    rnd.status, rnd.answer, rnd.late = "missed", None, rnd.late or late
+    rnd.status, rnd.answer = "missed", None
     incident_id = open_incident(
         session,
         "care_missed",

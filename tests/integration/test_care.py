@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
 import pytest_twisted
 
 from tests.integration.harness import (
@@ -99,6 +102,12 @@ async def test_terminal_answers_ok_and_help(db_url):
         assert incident["timeline"][0]["action"] == "care_help"
         prompts = [line for line in terms[0].lines if line["type"] == "care_prompt"]
         assert prompts and prompts[0]["window_s"] == 5
+        today = datetime.now(ZoneInfo("Asia/Shanghai")).date().isoformat()
+        code, report = await server.get(
+            f"/api/v1/reports/care?district=鹿城区&from={today}&to={today}"
+        )
+        [day] = report["days"]
+        assert (day["answered"], day["missed"], day["answer_rate"]) == (2, 0, 1.0)
     finally:
         for term in terms:
             await term.stop()
@@ -176,4 +185,42 @@ async def test_care_plan_validation_and_report(db_url):
         code, err = await server.get("/api/v1/reports/care?from=2026-01-05&to=2026-01-01")
         assert code == 400
     finally:
+        await stop_server(server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_mid_round_loses_and_repeats_nothing(db_url):
+    """Server stopped while a prompt waits; after restart the round is retried once, then
+    missed: two prompts in all, one care_missed incident, and the report adds up."""
+    server = await start_server(db_url)
+    port = server.ports["native"]
+    term = None
+    try:
+        sid = await _enrol(server, "860000000000016")
+        term = _terminal(server, "860000000000016", "ignore")
+        await term.wait_for(lambda line: line["type"] == "logged_in")
+        await server.post(f"/api/v1/subscribers/{sid}/care/check", {})
+        await term.wait_for(lambda line: line["type"] == "care_prompt")
+        await stop_server(server)
+        await sleep(8.0)  # the answer window expires (3 s late) while the server is down
+        server = await start_server(db_url, ports={"native": port})
+        rounds = await _rounds(
+            server, sid, lambda r: any(x["status"] == "missed" for x in r), seconds=40
+        )
+        missed = [r for r in rounds if r["status"] == "missed"]
+        assert len(missed) == 1 and missed[0]["attempts"] == 2
+        assert missed[0]["late"] is True
+        # The retry goes to the terminal if it has reconnected by then, else by voice call;
+        # either way the first prompt is not repeated.
+        prompts = [line for line in term.lines if line["type"] == "care_prompt"]
+        assert 1 <= len(prompts) <= 2 and prompts[0]["round_id"] == missed[0]["id"]
+        code, queue = await server.get("/api/v1/incidents?status=open")
+        assert [i["kind"] for i in queue["items"]].count("care_missed") == 1
+        today = datetime.now(ZoneInfo("Asia/Shanghai")).date().isoformat()
+        code, report = await server.get(f"/api/v1/reports/care?from={today}&to={today}")
+        [day] = report["days"]
+        assert day["missed"] == 1 and day["answered"] == 0 and day["answer_rate"] == 0.0
+    finally:
+        if term is not None:
+            await term.stop()
         await stop_server(server)
