@@ -180,6 +180,7 @@ class DispatchApp:
                 self.engine, self.db, self.reactor, self.config.webhook_secret.encode()
             )
             handlers.care = self.care
+            self.escalation_api = handlers
             root = build_site_root(
                 self.api,
                 (escalation_api.add_routes, handlers),

@@ -27,6 +27,36 @@ PEOPLE = [
 ]
 
 
+# Family members answer slowly or not at all, community workers go, 120 accepts relays.
+RESPONDER_SCRIPT = {
+    "13900000000": {"answer": "never"},
+    "13900000001": {"answer": "accept", "after": 20},
+    "13900000002": {"answer": "decline", "after": 5},
+    "120": {"answer": "accept", "after": 10},
+    "*": {"answer": "accept", "after": 30},
+}
+DEMO_SECRET = "demo-secret"
+
+
+def _start_responders(app: Any) -> None:
+    """Simulated family, community and 120 desk, so escalations visibly move."""
+    from twisted.web.client import Agent
+
+    from dispatch.routing.channels import WebhookChannel
+    from simulators.responders import ResponderSite, validate_script
+
+    reactor = app.reactor
+    site = ResponderSite(
+        validate_script(RESPONDER_SCRIPT), DEMO_SECRET, reactor, Agent(reactor), _Discard()
+    )
+    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{listening.getHost().port}/"
+    channel = WebhookChannel(reactor, url, DEMO_SECRET.encode())
+    app.engine.channel = app.care.channel = channel
+    app.escalation_api.secret = DEMO_SECRET.encode()
+    log.info("demo_responders", url=url)
+
+
 class _Discard(io.TextIOBase):
     def write(self, s: str) -> int:
         return len(s)
@@ -82,6 +112,7 @@ async def run_demo(app: Any) -> None:
     if port is None:
         log.error("demo_needs_native_port")
         return
+    _start_responders(app)
     for n, ident in enumerate(idents):
         opts = argparse.Namespace(
             battery=random.randint(40, 100),
