@@ -88,20 +88,19 @@ class Gateway:
         now = self.clock.seconds()
         d = self.live.seen(device.id, device.ident, now)
         if isinstance(event, ev.Heartbeat):
-            if (
-                event.battery is not None
-                and event.battery < self.low_battery
-                and (d.battery is None or d.battery >= self.low_battery)
-            ):
-                self._battery_low(device.ident, event.battery)
+            self._check_battery(device.ident, d, event.battery)
             self.live.heartbeat(d, event.battery, event.charging, event.signal, event.location)
             return Outcome.accept(now)
         if isinstance(event, ev.Sos):
             return defer.ensureDeferred(self._sos(device, d, event, now))
         return self._other(link, device, d, event, now)
 
-    def _battery_low(self, ident: str, battery: int) -> None:
-        """The battery just crossed below the threshold (once per crossing, not per frame)."""
+    def _check_battery(self, ident: str, d: DeviceLive, battery: int | None) -> None:
+        """Tell listeners once per crossing below the threshold, not on every frame."""
+        if battery is None or battery >= self.low_battery:
+            return
+        if d.battery is not None and d.battery < self.low_battery:
+            return
         for listener in self.battery_listeners:
             try:
                 listener(ident, battery)
@@ -200,6 +199,7 @@ class Gateway:
 
     async def _sos(self, device: DeviceInfo, d: DeviceLive, event: ev.Sos, now: float) -> Outcome:
         if event.battery is not None:
+            self._check_battery(device.ident, d, event.battery)
             d.battery = event.battery
         loc = event.location
         if loc is not None:

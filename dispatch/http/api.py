@@ -48,16 +48,6 @@ class Api:
     # --- helpers --------------------------------------------------------------------
 
     @staticmethod
-    def _int_param(req: ApiRequest, name: str) -> int:
-        try:
-            value = int(req.params[name])
-        except ValueError:
-            raise ApiError(404, "not_found", f"{name} must be an integer id") from None
-        if not 0 < value < 2**63:
-            raise ApiError(404, "not_found", f"{name} {value} does not exist")
-        return value
-
-    @staticmethod
     def _check_district(req: ApiRequest, district: str | None) -> None:
         own = (req.principal or {}).get("district")
         if req.principal and req.principal["role"] == "district" and own and district != own:
@@ -84,12 +74,12 @@ class Api:
         return 200, {"items": items, "total": total, "limit": limit, "offset": offset}
 
     async def get_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
-        sub = await self.db.read(subscriber_repo.get_subscriber, self._int_param(req, "id"))
+        sub = await self.db.read(subscriber_repo.get_subscriber, req.id_param())
         self._check_district(req, sub["district"])
         return 200, sub
 
     async def patch_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
-        sub_id = self._int_param(req, "id")
+        sub_id = req.id_param()
         changes = validate.subscriber(req.json(), partial=True)
         current = await self.db.read(subscriber_repo.get_subscriber, sub_id)
         self._check_district(req, current["district"])
@@ -100,7 +90,7 @@ class Api:
         )
 
     async def deregister_subscriber(self, req: ApiRequest) -> tuple[int, Any]:
-        sub_id = self._int_param(req, "id")
+        sub_id = req.id_param()
         body = req.json() if req.raw_body else {}
         reason = body.get("reason") if isinstance(body, dict) else None
         if not isinstance(reason, str) or not reason.strip():
@@ -131,7 +121,7 @@ class Api:
         return 200, {"items": items, "limit": limit, "offset": offset}
 
     async def get_incident(self, req: ApiRequest) -> tuple[int, Any]:
-        return 200, await self.db.read(incident_repo.get_incident, self._int_param(req, "id"))
+        return 200, await self.db.read(incident_repo.get_incident, req.id_param())
 
     async def openapi(self, req: ApiRequest) -> tuple[int, Any]:
         return 200, openapi_document()

@@ -24,25 +24,15 @@ class CareApi:
         self.scheduler = scheduler
 
     @staticmethod
-    def _sid(req: ApiRequest) -> int:
+    def _validate(body: Any, base: cs.CarePlan | None = None) -> dict[str, Any]:
         try:
-            value = int(req.params["id"])
-        except ValueError:
-            raise ApiError(404, "not_found", "subscriber id must be an integer") from None
-        if not 0 < value < 2**63:
-            raise ApiError(404, "not_found", f"subscriber {value} does not exist")
-        return value
-
-    @staticmethod
-    def _validate(body: Any) -> dict[str, Any]:
-        try:
-            cs.parse_plan(body)
+            cs.parse_plan(body, base)
         except cs.CarePlanError as exc:
             raise ApiError(400, "invalid_care_plan", str(exc)) from None
         return body
 
     async def get_plan(self, req: ApiRequest) -> tuple[int, Any]:
-        inputs = await self.db.read(repo.plan_inputs, self._sid(req))
+        inputs = await self.db.read(repo.plan_inputs, req.id_param())
         return 200, {
             "effective": plan_for(inputs).to_json(),
             "district_document": inputs["district_doc"],
@@ -51,8 +41,10 @@ class CareApi:
         }
 
     async def put_plan(self, req: ApiRequest) -> tuple[int, Any]:
-        sid = self._sid(req)
-        body = self._validate(req.json())
+        sid = req.id_param()
+        inputs = await self.db.read(repo.plan_inputs, sid)
+        # Checked on top of what it overrides: the district's plan, not the bare default.
+        body = self._validate(req.json(), plan_for({**inputs, "subscriber_doc": None}))
         actor = (req.principal or {}).get("name", "api")
         await self.db.write(repo.save_plan, "subscriber", sid, body, actor, self.scheduler.now())
         await self.scheduler.replan(sid)
@@ -77,12 +69,12 @@ class CareApi:
         return 200, {"district": district, "document": body}
 
     async def check_now(self, req: ApiRequest) -> tuple[int, Any]:
-        round_id = await self.scheduler.check_now(self._sid(req))
+        round_id = await self.scheduler.check_now(req.id_param())
         return 202, {"round_id": round_id}
 
     async def history(self, req: ApiRequest) -> tuple[int, Any]:
         limit = req.int_query("limit", 100, 1, 1000)
-        return 200, {"items": await self.db.read(repo.history, self._sid(req), limit)}
+        return 200, {"items": await self.db.read(repo.history, req.id_param(), limit)}
 
     async def report(self, req: ApiRequest) -> tuple[int, Any]:
         try:

@@ -28,21 +28,11 @@ class EscalationApi:
         self.care: Any = None  # the care scheduler, for care-call answers
 
     @staticmethod
-    def _incident_id(req: ApiRequest) -> int:
-        try:
-            value = int(req.params["id"])
-        except ValueError:
-            raise ApiError(404, "not_found", "incident id must be an integer") from None
-        if not 0 < value < 2**63:
-            raise ApiError(404, "not_found", f"incident {value} does not exist")
-        return value
-
-    @staticmethod
     def _actor(req: ApiRequest) -> str:
         return (req.principal or {}).get("name") or "operator"
 
     async def _act(self, req: ApiRequest, action: str, **kw: Any) -> tuple[int, Any]:
-        incident_id = self._incident_id(req)
+        incident_id = req.id_param()
         result = await self.engine.operator(incident_id, action, self._actor(req), **kw)
         return 200, {"id": incident_id, "status": result["status"], "action": action}
 
@@ -125,11 +115,7 @@ class EscalationApi:
         return 200, {"items": await self.db.read(repo.list_policies, active)}
 
     async def get_policy(self, req: ApiRequest) -> tuple[int, Any]:
-        try:
-            policy_id = int(req.params["id"])
-        except ValueError:
-            raise ApiError(404, "not_found", "policy id must be an integer") from None
-        return 200, await self.db.read(repo.get_policy, policy_id)
+        return 200, await self.db.read(repo.get_policy, req.id_param())
 
     async def save_policy(self, req: ApiRequest) -> tuple[int, Any]:
         body = req.json()

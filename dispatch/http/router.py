@@ -59,6 +59,16 @@ class ApiRequest:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
+    def id_param(self, name: str = "id") -> int:
+        """A positive integer id from the path; anything else is a 404 (no such object)."""
+        try:
+            value = int(self.params[name])
+        except ValueError:
+            raise ApiError(404, "not_found", f"{name} must be an integer id") from None
+        if not 0 < value < 2**63:
+            raise ApiError(404, "not_found", f"{name} {value} does not exist")
+        return value
+
     def int_query(self, name: str, default: int, lo: int, hi: int) -> int:
         """An integer query parameter within [lo, hi], or a 400."""
         raw = self.query.get(name)

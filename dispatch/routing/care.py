@@ -103,10 +103,15 @@ class CareScheduler:
             (self.refill, c.lookahead_s),
             (self.detect_silence, c.silence_every_s),
         ):
-            loop = task.LoopingCall(self._guard, fn)
-            loop.clock = self.clock
-            loop.start(every, now=True)
-            self._loops.append(loop)
+            self._loop(fn, every, now=True)
+        # Not at start: a restart should not set off a burst of inactivity calls.
+        self._loop(self.detect_inactivity, c.inactivity_every_s, now=False)
+
+    def _loop(self, fn: Any, every: float, now: bool) -> None:
+        loop = task.LoopingCall(self._guard, fn)
+        loop.clock = self.clock
+        loop.start(every, now=now)
+        self._loops.append(loop)
 
     def stop(self) -> None:
         """Cancel timers and loops (the store keeps every round)."""
@@ -130,11 +135,15 @@ class CareScheduler:
 
     async def plan_missing(self) -> int:
         """Give every active subscriber without a pending round its next one."""
-        total = 0
+        total, after_id = 0, 0
         while True:
-            batch = await self.db.read(repo.unplanned, self.config.plan_batch)
+            # Keyset pages: someone with no due date in the horizon (a long pause) is
+            # passed over this run instead of being fetched again and again.
+            batch = await self.db.read(repo.unplanned, self.config.plan_batch, after_id)
             if not batch:
+                await self.refill()
                 return total
+            after_id = batch[-1]["subscriber_id"]
             now = self.now()
             last = await self.db.read(repo.last_due, [b["subscriber_id"] for b in batch])
             rows = []
@@ -153,9 +162,6 @@ class CareScheduler:
                         }
                     )
             total += await self.db.write(repo.insert_rounds, rows)
-            if len(rows) < len(batch) or len(batch) < self.config.plan_batch:
-                await self.refill()
-                return total
 
     async def check_now(self, subscriber_id: int, reason: str = "manual") -> int:
         """Put a care check to the subscriber now (an operator's request, inactivity)."""

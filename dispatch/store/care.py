@@ -113,7 +113,7 @@ def _plan_docs(session: Session, ids: list[int], districts: set[str]) -> dict[st
 # --- planning rounds -------------------------------------------------------------------
 
 
-def unplanned(session: Session, limit: int) -> list[dict[str, Any]]:
+def unplanned(session: Session, limit: int, after_id: int = 0) -> list[dict[str, Any]]:
     """Active subscribers with a terminal and no round pending, with their plan inputs."""
     pending = exists().where(CareRound.subscriber_id == Subscriber.id, CareRound.status.in_(ACTIVE))
     rows = session.execute(
@@ -121,6 +121,7 @@ def unplanned(session: Session, limit: int) -> list[dict[str, Any]]:
         .where(
             Subscriber.status == "active",
             ~pending,
+            Subscriber.id > after_id,
             exists().where(Device.subscriber_id == Subscriber.id),
         )
         .order_by(Subscriber.id)
@@ -143,7 +144,7 @@ def last_due(session: Session, subscriber_ids: list[int]) -> dict[int, datetime]
     """The latest due time of each subscriber's past rounds (to plan the next after it)."""
     rows = session.execute(
         select(CareRound.subscriber_id, func.max(CareRound.due_at))
-        .where(CareRound.subscriber_id.in_(subscriber_ids))
+        .where(CareRound.subscriber_id.in_(subscriber_ids), CareRound.status != "cancelled")
         .group_by(CareRound.subscriber_id)
     )
     return {sid: due for sid, due in rows}
@@ -223,26 +224,31 @@ def act(session: Session, round_id: int, now: datetime, late_after: timedelta) -
     if rnd is None or rnd.status not in ACTIVE or rnd.next_action_at > now:
         return None
     late = now - rnd.next_action_at > late_after
-    if rnd.status == "scheduled":
-        rnd.status, rnd.attempts, rnd.prompted_at = "prompted", rnd.attempts + 1, now
-        rnd.late = rnd.late or late
-        rnd.callback_token = secrets.token_hex(12)
-        rnd.next_action_at = now + timedelta(seconds=rnd.params["answer_window_s"])
-        return {
-            "do": "prompt",
-            "late": late,
-            "token": rnd.callback_token,
-            "deadline": rnd.next_action_at,
-            **_target(session, rnd),
-        }
-    return _expired(session, rnd, now, late)
+    if rnd.status == "prompted":
+        outcome = _expired(session, rnd, now, late)
+        if outcome["do"] != "retry" or outcome["at"] > now:
+            return outcome
+        late = True  # the retry itself came due while we were down: prompt it now
+    rnd.status, rnd.attempts, rnd.prompted_at = "prompted", rnd.attempts + 1, now
+    rnd.late = rnd.late or late
+    rnd.callback_token = secrets.token_hex(12)
+    rnd.next_action_at = now + timedelta(seconds=rnd.params["answer_window_s"])
+    return {
+        "do": "prompt",
+        "late": late,
+        "token": rnd.callback_token,
+        "deadline": rnd.next_action_at,
+        **_target(session, rnd),
+    }
 
 
 def _expired(session: Session, rnd: CareRound, now: datetime, late: bool) -> dict[str, Any]:
     rnd.late = rnd.late or late
     if rnd.attempts <= rnd.params["retries"]:
         rnd.status = "scheduled"
-        rnd.next_action_at = now + timedelta(seconds=rnd.params["retry_spacing_s"])
+        # Counted from the missed deadline: a retry that came due while down goes now.
+        retry_at = rnd.next_action_at + timedelta(seconds=rnd.params["retry_spacing_s"])
+        rnd.next_action_at = max(now, retry_at)
         return {"do": "retry", "at": rnd.next_action_at, "round_id": rnd.id, "late": late}
     rnd.status, rnd.answer = "missed", None
     incident_id = open_incident(
@@ -377,6 +383,13 @@ def silent_devices(session: Session, before: datetime, now: datetime, limit: int
             Device.last_seen < before,
             Subscriber.status == "active",
             _no_open("offline"),
+            # Once an operator resolves an offline incident, the same silence is not raised
+            # again: the device must be seen and fall silent anew.
+            ~exists().where(
+                Incident.subscriber_id == Subscriber.id,
+                Incident.kind == "offline",
+                Incident.created_at >= Device.last_seen,
+            ),
         )
         .limit(limit)
     ).all()
@@ -401,7 +414,8 @@ def low_battery(session: Session, device_ident: str, battery: int, now: datetime
 
 
 def inactive(session: Session, since: datetime, now: datetime, limit: int) -> list[int]:
-    """Subscribers with no button press and no care answer since ``since``: due a check now."""
+    """Subscribers due a check now: a round missed and no care answer or button press since
+    ``since``, and no care_missed incident still open (then the family is already on it)."""
     answered = exists().where(
         CareRound.subscriber_id == Subscriber.id, CareRound.answered_at >= since
     )
@@ -420,16 +434,25 @@ def inactive(session: Session, since: datetime, now: datetime, limit: int) -> li
         CareRound.status.in_(ACTIVE),
         CareRound.due_at <= now,
     )
+    # Only people who were asked and did not answer: right after a deployment nobody has
+    # had a round yet, and 300,000 "inactive" calls at once would help no one.
+    missed = exists().where(
+        CareRound.subscriber_id == Subscriber.id,
+        CareRound.status == "missed",
+        CareRound.due_at >= since,
+    )
     rows = session.execute(
         select(Subscriber.id, Subscriber.district)
         .where(
             Subscriber.status == "active",
             Subscriber.created_at < since,
             exists().where(Device.subscriber_id == Subscriber.id),
+            missed,
             ~answered,
             ~pressed,
             ~checked,
             ~pending,
+            _no_open("care_missed"),
         )
         .limit(limit)
     ).all()
