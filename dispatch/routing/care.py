@@ -144,24 +144,37 @@ class CareScheduler:
                 await self.refill()
                 return total
             after_id = batch[-1]["subscriber_id"]
-            now = self.now()
-            last = await self.db.read(repo.last_due, [b["subscriber_id"] for b in batch])
-            rows = []
-            for inputs in batch:
-                plan = plan_for(inputs)
-                after = max(now, last.get(inputs["subscriber_id"], now))
-                due = cs.next_due(plan, inputs["subscriber_id"], after)
-                if due is not None:
-                    rows.append(
-                        {
-                            "subscriber_id": inputs["subscriber_id"],
-                            "district": inputs["district"],
-                            "reason": "schedule",
-                            "due_at": due.astimezone(UTC),
-                            "params": _params(plan),
-                        }
-                    )
-            total += await self.db.write(repo.insert_rounds, rows)
+            total += len(await self._plan(batch))
+
+    async def plan_one(self, subscriber_id: int) -> int:
+        """Plan one subscriber's next round (after a round ends): no scan of everyone."""
+        batch = await self.db.read(repo.unplanned, 1, 0, subscriber_id)
+        rows = await self._plan(batch) if batch else []
+        soon = self.now() + timedelta(seconds=self.config.lookahead_s)
+        if any(r["due_at"] <= soon for r in rows):
+            await self.refill()
+        return len(rows)
+
+    async def _plan(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        now = self.now()
+        last = await self.db.read(repo.last_due, [b["subscriber_id"] for b in batch])
+        rows = []
+        for inputs in batch:
+            plan = plan_for(inputs)
+            after = max(now, last.get(inputs["subscriber_id"], now))
+            due = cs.next_due(plan, inputs["subscriber_id"], after)
+            if due is not None:
+                rows.append(
+                    {
+                        "subscriber_id": inputs["subscriber_id"],
+                        "district": inputs["district"],
+                        "reason": "schedule",
+                        "due_at": due.astimezone(UTC),
+                        "params": _params(plan),
+                    }
+                )
+        await self.db.write(repo.insert_rounds, rows)
+        return rows
 
     async def check_now(self, subscriber_id: int, reason: str = "manual") -> int:
         """Put a care check to the subscriber now (an operator's request, inactivity)."""
@@ -179,7 +192,8 @@ class CareScheduler:
 
     async def replan(self, subscriber_id: int) -> None:
         """After a plan change: plan this subscriber's next round now."""
-        await self.plan_missing()
+        await self.plan_one(subscriber_id)
+        await self.refill()
 
     # --- timers -----------------------------------------------------------------------
 
@@ -215,7 +229,7 @@ class CareScheduler:
             metrics.CARE_ROUNDS.labels("missed").inc()
             log.warning("care_missed", round=round_id, incident=todo["incident_id"])
             self.engine.incident_opened(todo["incident_id"])
-            await self.plan_missing()
+            await self.plan_one(todo["subscriber_id"])
 
     async def _prompt(self, todo: dict[str, Any]) -> None:
         metrics.CARE_ROUNDS.labels("prompted").inc()
@@ -288,7 +302,7 @@ class CareScheduler:
         if result["incident_id"] is not None:
             log.warning("care_help", round=result["round_id"], incident=result["incident_id"])
             self.engine.incident_opened(result["incident_id"])
-        await self.plan_missing()
+        await self.plan_one(result["subscriber_id"])
         return result
 
     # --- silence ----------------------------------------------------------------------

@@ -113,8 +113,13 @@ def _plan_docs(session: Session, ids: list[int], districts: set[str]) -> dict[st
 # --- planning rounds -------------------------------------------------------------------
 
 
-def unplanned(session: Session, limit: int, after_id: int = 0) -> list[dict[str, Any]]:
-    """Active subscribers with a terminal and no round pending, with their plan inputs."""
+def unplanned(
+    session: Session, limit: int, after_id: int = 0, only: int | None = None
+) -> list[dict[str, Any]]:
+    """Active subscribers with a terminal and no round pending, with their plan inputs.
+
+    ``only`` restricts it to one subscriber (after that subscriber's round ended).
+    """
     pending = exists().where(CareRound.subscriber_id == Subscriber.id, CareRound.status.in_(ACTIVE))
     rows = session.execute(
         select(Subscriber.id, Subscriber.district, Subscriber.living_situation)
@@ -123,6 +128,7 @@ def unplanned(session: Session, limit: int, after_id: int = 0) -> list[dict[str,
             ~pending,
             Subscriber.id > after_id,
             exists().where(Device.subscriber_id == Subscriber.id),
+            *([Subscriber.id == only] if only is not None else []),
         )
         .order_by(Subscriber.id)
         .limit(limit)
