@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client.twisted import MetricsResource
 
 from dispatch.http import validate
+from dispatch.http.console import ConsoleLogin, console_page
 from dispatch.http.openapi import openapi_document
 from dispatch.http.router import ApiError, ApiRequest, Router
 from dispatch.store import devices as device_repo
@@ -139,6 +140,9 @@ def build_site_root(api: Api, *extra: Any) -> Router:
     for add_routes, handlers in extra:
         add_routes(router, handlers)
     router.raw["/metrics"] = MetricsResource()
+    router.raw["/console"] = console_page()
+    router.raw["/"] = console_page()
+    router.raw["/console/login"] = ConsoleLogin(api.authenticate)
     router.add("GET", "/healthz", api.healthz, None)
     p = PREFIX
     router.add("GET", f"{p}/openapi.json", api.openapi, ALL)

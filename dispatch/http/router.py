@@ -184,6 +184,9 @@ class Router(Resource):
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not token:
             token = (request.getCookie(b"dispatch_token") or b"").decode("ascii", "replace")
+            # A cookie rides along on cross-site requests; a custom header cannot.
+            if token and request.method != b"GET" and not request.getHeader("x-dispatch-console"):
+                raise ApiError(403, "forbidden", "console writes need X-Dispatch-Console")
         if not token:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
         principal = await self.authenticate(token)

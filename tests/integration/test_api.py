@@ -261,3 +261,42 @@ async def test_live_stream_pushes_new_incidents(db_url):
         assert {"id": 1, "what": "new", "type": "incident", "trigger": "fall"} in data
     finally:
         await stop_server(server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_login_cookie_and_csrf_guard(db_url):
+    """The console page loads; login sets an HttpOnly cookie that authenticates API reads;
+    a cookie-only write without the console header is refused."""
+    server = await start_server(db_url)
+    try:
+        code, ctype, body = await _raw(server, "GET", "/console")
+        assert code == 200 and ctype[0].startswith("text/html") and b"live queue" in body
+        resp = await wait(
+            treq.post(
+                server.base + "/console/login", data=json.dumps({"token": "dsp_wrong"}).encode()
+            )
+        )
+        assert resp.code == 401
+        resp = await wait(
+            treq.post(
+                server.base + "/console/login", data=json.dumps({"token": server.token}).encode()
+            )
+        )
+        assert resp.code == 200, await wait(resp.content())
+        [cookie] = resp.headers.getRawHeaders("set-cookie")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+        jar = {"dispatch_token": server.token}
+        resp = await wait(treq.get(server.base + "/api/v1/incidents", cookies=jar))
+        assert resp.code == 200
+        resp = await wait(treq.post(server.base + "/api/v1/incidents/1/acknowledge", cookies=jar))
+        assert resp.code == 403
+        resp = await wait(
+            treq.post(
+                server.base + "/api/v1/incidents/1/acknowledge",
+                cookies=jar,
+                headers={"X-Dispatch-Console": "1"},
+            )
+        )
+        assert resp.code == 404  # authenticated; there is simply no incident 1
+    finally:
+        await stop_server(server)
