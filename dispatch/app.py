@@ -201,6 +201,7 @@ class DispatchApp:
         self.flusher.start()
         await self.engine.start()
         self.care.start()
+        self.api.ready = True
         log.info("serving", db=self.config.db.split("@")[-1], ports=self.ports)
 
     def _listen(self, name: str, port: Any) -> None:
@@ -209,6 +210,7 @@ class DispatchApp:
 
     async def stop(self) -> None:
         """Close listeners and terminal connections, flush live state, stop the pools."""
+        self.api.ready = False
         for port in self._listening:
             await port.stopListening()
         self._listening.clear()

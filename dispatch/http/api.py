@@ -30,6 +30,7 @@ class Api:
         self.db = db
         self.clock = clock
         self._tokens: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.ready = False
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
@@ -128,6 +129,10 @@ class Api:
         return 200, openapi_document()
 
     async def healthz(self, req: ApiRequest) -> tuple[int, Any]:
+        # 503 until every service has started, so a load balancer or a test that sees
+        # 200 knows the engine and the care scheduler are running too.
+        if not self.ready:
+            return 503, {"status": "starting"}
         return 200, {"status": "ok"}
 
 

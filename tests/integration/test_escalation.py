@@ -335,7 +335,8 @@ async def test_c_sigkill_mid_escalation_resumes_without_repeats(db_url, tmp_path
                 if resp.code == 200:
                     return proc
             except Exception:
-                await sleep(0.1)
+                pass
+            await sleep(0.1)
         raise AssertionError(proc.err.decode())
 
     server = await up()
