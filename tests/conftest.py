@@ -44,13 +44,35 @@ def pg_problem() -> str | None:
     return _PG_PROBLEM  # type: ignore[return-value]
 
 
+# Each test process works in its own schema, so two runs on one machine (or a developer's
+# own tables in public) never trample each other.
+PG_SCHEMA = f"dispatch_test_{os.getpid()}"
+
+
+def pg_url_for_tests() -> str:
+    """PG_URL with the search_path set to this process's schema."""
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}options=-csearch_path%3D{PG_SCHEMA}"
+
+
 def reset_pg() -> None:
-    """Drop every table so each test starts from an empty, freshly migrated schema."""
+    """Drop and recreate this process's schema so each test starts empty."""
     engine = create_engine(PG_URL)
     with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
     engine.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_pg_schema() -> Iterator[None]:
+    """Leave nothing behind in the shared database."""
+    yield
+    if _PG_PROBLEM is None:
+        engine = create_engine(PG_URL)
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE"))
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
@@ -65,7 +87,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
             pytest.fail(f"CI must run the PostgreSQL tests: {problem}")
         pytest.skip(problem)
     reset_pg()
-    yield PG_URL
+    yield pg_url_for_tests()
 
 
 @pytest.fixture
