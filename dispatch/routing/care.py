@@ -58,6 +58,21 @@ def plan_for(inputs: dict[str, Any]) -> cs.CarePlan:
     return plan
 
 
+def _row_for(inputs: dict[str, Any], after: datetime) -> dict[str, Any] | None:
+    """The next scheduled round for one subscriber after ``after`` (None: none in horizon)."""
+    plan = plan_for(inputs)
+    due = cs.next_due(plan, inputs["subscriber_id"], after)
+    if due is None:
+        return None
+    return {
+        "subscriber_id": inputs["subscriber_id"],
+        "district": inputs["district"],
+        "reason": "schedule",
+        "due_at": due.astimezone(UTC),
+        "params": _params(plan),
+    }
+
+
 def _params(plan: cs.CarePlan) -> dict[str, int]:
     return {
         "answer_window_s": plan.answer_window_s,
@@ -148,8 +163,7 @@ class CareScheduler:
 
     async def plan_one(self, subscriber_id: int) -> int:
         """Plan one subscriber's next round (after a round ends): no scan of everyone."""
-        batch = await self.db.read(repo.unplanned, 1, 0, subscriber_id)
-        rows = await self._plan(batch) if batch else []
+        rows = await self.db.write(repo.plan_next, subscriber_id, self.now(), _row_for)
         soon = self.now() + timedelta(seconds=self.config.lookahead_s)
         if any(r["due_at"] <= soon for r in rows):
             await self.refill()
@@ -158,21 +172,10 @@ class CareScheduler:
     async def _plan(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         now = self.now()
         last = await self.db.read(repo.last_due, [b["subscriber_id"] for b in batch])
-        rows = []
-        for inputs in batch:
-            plan = plan_for(inputs)
-            after = max(now, last.get(inputs["subscriber_id"], now))
-            due = cs.next_due(plan, inputs["subscriber_id"], after)
-            if due is not None:
-                rows.append(
-                    {
-                        "subscriber_id": inputs["subscriber_id"],
-                        "district": inputs["district"],
-                        "reason": "schedule",
-                        "due_at": due.astimezone(UTC),
-                        "params": _params(plan),
-                    }
-                )
+        rows = [
+            _row_for(inputs, max(now, last.get(inputs["subscriber_id"], now))) for inputs in batch
+        ]
+        rows = [r for r in rows if r is not None]
         await self.db.write(repo.insert_rounds, rows)
         return rows
 
@@ -200,23 +203,30 @@ class CareScheduler:
     async def refill(self) -> None:
         """Set a timer for every round needing action within the lookahead."""
         until = self.now() + timedelta(seconds=self.config.lookahead_s)
-        for round_id, at in await self.db.read(repo.due_rounds, until, 100_000):
-            self._schedule(round_id, at)
+        for round_id, at, ident in await self.db.read(repo.due_rounds, until, 100_000):
+            self._schedule(round_id, at, ident)
 
-    def _schedule(self, round_id: int, at: datetime) -> None:
+    def _schedule(self, round_id: int, at: datetime, ident: str | None = None) -> None:
         if round_id in self._timers and self._timers[round_id].active():
             self._timers[round_id].cancel()
         delay = max(0.0, at.timestamp() - self.clock.seconds())
-        self._timers[round_id] = self.clock.callLater(delay, self._fire, round_id, at)
+        self._timers[round_id] = self.clock.callLater(delay, self._fire, round_id, at, ident)
 
-    def _fire(self, round_id: int, at: datetime) -> defer.Deferred[None]:
+    def _fire(self, round_id: int, at: datetime, ident: str | None) -> defer.Deferred[None]:
         self._timers.pop(round_id, None)
         metrics.CARE_LAG_SECONDS.observe(max(0.0, self.clock.seconds() - at.timestamp()))
-        return self._guard(lambda: self._act(round_id))
+        return self._guard(lambda: self._act(round_id, ident))
 
-    async def _act(self, round_id: int) -> None:
+    def _prompt_link(self, ident: str | None) -> Any:
+        """The link to prompt on, if the terminal is online and can carry a care check."""
+        link = self.gateway.links.get(ident) if ident else None
+        return link if link is not None and link.protocol in PROMPTABLE else None
+
+    async def _act(self, round_id: int, ident: str | None = None) -> None:
+        # Decided here, on the reactor thread, so the claim records it in one transaction.
+        guess = None if ident is None else ("terminal" if self._prompt_link(ident) else "voice")
         todo = await self.db.write(
-            repo.act, round_id, self.now(), timedelta(seconds=self.config.late_after_s)
+            repo.act, round_id, self.now(), timedelta(seconds=self.config.late_after_s), guess
         )
         if todo is None:
             return
@@ -224,7 +234,7 @@ class CareScheduler:
             await self._prompt(todo)
         elif todo["do"] == "retry":
             metrics.CARE_ROUNDS.labels("retried").inc()
-            self._schedule(round_id, todo["at"])
+            self._schedule(round_id, todo["at"], ident)
         elif todo["do"] == "missed":
             metrics.CARE_ROUNDS.labels("missed").inc()
             log.warning("care_missed", round=round_id, incident=todo["incident_id"])
@@ -233,16 +243,18 @@ class CareScheduler:
 
     async def _prompt(self, todo: dict[str, Any]) -> None:
         metrics.CARE_ROUNDS.labels("prompted").inc()
-        self._schedule(todo["round_id"], todo["deadline"])
-        link = self.gateway.links.get(todo["device_ident"]) if todo["device_ident"] else None
-        if link is not None and link.protocol in PROMPTABLE:
+        self._schedule(todo["round_id"], todo["deadline"], todo["device_ident"])
+        link = self._prompt_link(todo["device_ident"])
+        if link is not None:
             prompt = ev.CarePrompt(
                 todo["round_id"], pattern=3, window_s=todo["params"]["answer_window_s"]
             )
             if link.send_command(prompt):
-                await self.db.write(repo.set_channel, todo["round_id"], "terminal")
+                if todo["channel"] != "terminal":
+                    await self.db.write(repo.set_channel, todo["round_id"], "terminal")
                 return
-        await self.db.write(repo.set_channel, todo["round_id"], "voice")
+        if todo["channel"] != "voice":
+            await self.db.write(repo.set_channel, todo["round_id"], "voice")
         if not todo["phone"]:
             log.warning("care_unreachable", round=todo["round_id"], reason="no phone")
             return  # the answer window expires and the round is retried, then missed

@@ -187,15 +187,34 @@ def insert_rounds_returning(session: Session, rows: list[dict[str, Any]]) -> lis
     return ids
 
 
-def due_rounds(session: Session, until: datetime, limit: int) -> list[tuple[int, datetime]]:
-    """Rounds needing action by ``until`` (an index range read)."""
+def plan_next(
+    session: Session, subscriber_id: int, now: datetime, planner: Any
+) -> list[dict[str, Any]]:
+    """Plan one subscriber's next round in one transaction; ``planner(inputs, after)``
+    returns the row to insert (or None), so the schedule maths stay in routing."""
+    [inputs] = unplanned(session, 1, 0, subscriber_id) or [None]
+    if inputs is None:
+        return []
+    last = last_due(session, [subscriber_id]).get(subscriber_id, now)
+    row = planner(inputs, max(now, last))
+    if row is None:
+        return []
+    insert_rounds(session, [row])
+    return [row]
+
+
+def due_rounds(
+    session: Session, until: datetime, limit: int
+) -> list[tuple[int, datetime, str | None]]:
+    """Rounds needing action by ``until`` with their terminal's ident (an index range read)."""
     rows = session.execute(
-        select(CareRound.id, CareRound.next_action_at)
+        select(CareRound.id, CareRound.next_action_at, Device.ident)
+        .outerjoin(Device, Device.subscriber_id == CareRound.subscriber_id)
         .where(CareRound.status.in_(ACTIVE), CareRound.next_action_at <= until)
         .order_by(CareRound.next_action_at)
         .limit(limit)
     )
-    return [(r.id, r.next_action_at) for r in rows]
+    return [(r.id, r.next_action_at, r.ident) for r in rows]
 
 
 # --- acting on rounds ------------------------------------------------------------------
@@ -220,7 +239,13 @@ def _target(session: Session, rnd: CareRound) -> dict[str, Any]:
     }
 
 
-def act(session: Session, round_id: int, now: datetime, late_after: timedelta) -> dict | None:
+def act(
+    session: Session,
+    round_id: int,
+    now: datetime,
+    late_after: timedelta,
+    channel: str | None = None,
+) -> dict | None:
     """The scheduler's turn on a round: prompt it, or judge its expired answer window.
 
     Returns what to do: ``{"do": "prompt", ...target}``, ``{"do": "retry", "at"}``,
@@ -238,12 +263,14 @@ def act(session: Session, round_id: int, now: datetime, late_after: timedelta) -
     rnd.status, rnd.attempts, rnd.prompted_at = "prompted", rnd.attempts + 1, now
     rnd.late = rnd.late or late
     rnd.callback_token = secrets.token_hex(12)
+    rnd.channel = channel
     rnd.next_action_at = now + timedelta(seconds=rnd.params["answer_window_s"])
     return {
         "do": "prompt",
         "late": late,
         "token": rnd.callback_token,
         "deadline": rnd.next_action_at,
+        "channel": channel,
         **_target(session, rnd),
     }
 
