@@ -19,6 +19,7 @@ from dispatch import events as ev
 from dispatch import logs, metrics
 from dispatch.livestate import DeviceLive, LiveState, utc
 from dispatch.protocol.base import Inbound, Outcome
+from dispatch.sos_commit import SosCommitter
 from dispatch.store import devices as device_repo
 from dispatch.store import incidents as incident_repo
 from dispatch.store.devices import DeviceInfo
@@ -64,6 +65,7 @@ class Gateway:
         self.heartbeat_interval = heartbeat_interval
         self.sos_dedup = sos_dedup
         self.links: dict[str, TerminalLink] = {}
+        self.sos_committer = SosCommitter(db, sos_dedup)
         self.incident_listeners: list[IncidentListener] = []
         self.care_listeners: list[Callable[[ev.CareCheckAnswer, DeviceInfo], None]] = []
         self.battery_listeners: list[Callable[[str, int], None]] = []
@@ -222,7 +224,7 @@ class Gateway:
             },
         )
         try:
-            record = await self.db.urgent(incident_repo.record_sos, record_in, self.sos_dedup)
+            record = await self.sos_committer.submit(record_in)
         except Exception:
             # No ack: the terminal keeps resending and we try again with the next copy.
             metrics.DB_ERRORS.labels("sos").inc()

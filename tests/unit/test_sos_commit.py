@@ -1,0 +1,93 @@
+"""Group commit of SOS frames: one transaction in flight, the rest wait and go together."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twisted.internet import defer
+
+from dispatch.sos_commit import SosCommitter
+from dispatch.store.incidents import SosInput
+from tests.unit.fakes import SyncDatabase, seed_subscriber
+
+NOW = datetime(2026, 12, 4, 2, 0, tzinfo=UTC)
+
+
+class HeldDatabase:
+    """``urgent`` returns a Deferred the test fires by hand, recording each batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[SosInput], defer.Deferred]] = []
+
+    def urgent(self, fn: Any, items: list[SosInput], window: timedelta) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((items, d))
+        return d
+
+
+def sos(seq: int, device_id: int = 1, terminal_time: int | None = 1_800_000_000) -> SosInput:
+    return SosInput(
+        device_id=device_id,
+        device_ident="860000000000001",
+        subscriber_id=1,
+        seq=seq,
+        kind="sos",
+        received_at=NOW,
+        terminal_time=terminal_time,
+    )
+
+
+def test_frames_arriving_during_a_commit_share_the_next_one() -> None:
+    """The first SOS commits alone; the three that arrive meanwhile commit together."""
+    db = HeldDatabase()
+    committer = SosCommitter(db, timedelta(hours=24))
+    first = committer.submit(sos(1))
+    rest = [committer.submit(sos(n)) for n in (2, 3, 4)]
+    assert [len(items) for items, _ in db.calls] == [1]
+    db.calls[0][1].callback(["r1"])
+    assert first.result == "r1" and not any(d.called for d in rest)
+    assert [len(items) for items, _ in db.calls] == [1, 3]
+    db.calls[1][1].callback(["r2", "r3", "r4"])
+    assert [d.result for d in rest] == ["r2", "r3", "r4"]
+
+
+def test_a_failed_batch_fails_every_frame_in_it_and_the_next_batch_still_runs() -> None:
+    """A rolled-back group acks nobody in it (they resend); later frames are unaffected."""
+    db = HeldDatabase()
+    committer = SosCommitter(db, timedelta(hours=24))
+    first = committer.submit(sos(1))
+    second = committer.submit(sos(2))
+    db.calls[0][1].errback(RuntimeError("disk full"))
+    failures: list[Any] = []
+    first.addErrback(failures.append)
+    assert len(failures) == 1
+    db.calls[1][1].callback(["ok"])
+    assert second.result == "ok"
+
+
+def test_batch_size_is_bounded() -> None:
+    """A burst larger than max_batch is split across transactions."""
+    db = HeldDatabase()
+    committer = SosCommitter(db, timedelta(hours=24), max_batch=2)
+    committer.submit(sos(1))
+    for n in range(2, 7):
+        committer.submit(sos(n))
+    db.calls[0][1].callback([None])
+    db.calls[1][1].callback([None, None])
+    db.calls[2][1].callback([None, None])
+    assert [len(items) for items, _ in db.calls] == [1, 2, 2, 1]
+
+
+def test_a_resend_inside_the_same_batch_is_a_duplicate(sqlite_url: str) -> None:
+    """Two copies of one frame in one transaction: one incident, the second is a duplicate."""
+    db = SyncDatabase(sqlite_url)
+    _, device_id = seed_subscriber(db, "860000000000001")
+    from dispatch.sos_commit import record_batch
+
+    records = db.urgent(
+        record_batch, [sos(7, device_id), sos(7, device_id)], timedelta(hours=24)
+    ).result
+    assert (records[0].created, records[0].duplicate) == (True, False)
+    assert (records[1].duplicate, records[1].incident_id) == (True, records[0].incident_id)
+    db.stop()
