@@ -65,6 +65,7 @@ class Gateway:
         self.heartbeat_interval = heartbeat_interval
         self.sos_dedup = sos_dedup
         self.links: dict[str, TerminalLink] = {}
+        self._frame_counters: dict[tuple[str, str], Any] = {}
         self.sos_committer = SosCommitter(db, sos_dedup)
         self.incident_listeners: list[IncidentListener] = []
         self.care_listeners: list[Callable[[ev.CareCheckAnswer, DeviceInfo], None]] = []
@@ -79,7 +80,12 @@ class Gateway:
         """Act on one event; returns the outcome to encode (a Deferred when it needs the store)."""
         event = inbound.event
         kind = type(event).__name__
-        metrics.FRAMES.labels(link.protocol, kind).inc()
+        counter = self._frame_counters.get((link.protocol, kind))
+        if counter is None:  # labels() costs a lock and a dict build: once per pair, not frame
+            counter = self._frame_counters[(link.protocol, kind)] = metrics.FRAMES.labels(
+                link.protocol, kind
+            )
+        counter.inc()
         if isinstance(event, ev.Login):
             return defer.ensureDeferred(self._login(link, event))
         if isinstance(event, ev.Register):
