@@ -11,14 +11,12 @@ from prometheus_client.twisted import MetricsResource
 from dispatch.http import validate
 from dispatch.http.console import ConsoleLogin, console_page
 from dispatch.http.openapi import openapi_document
-from dispatch.http.router import ApiError, ApiRequest, Router
+from dispatch.http.router import ALL, ENROLL, ApiError, ApiRequest, Router
 from dispatch.store import devices as device_repo
 from dispatch.store import incidents as incident_repo
 from dispatch.store import subscribers as subscriber_repo
 from dispatch.store import tokens as token_repo
 
-ALL = ("admin", "operator", "district", "community")
-ENROLL = ("admin", "district")
 PREFIX = "/api/v1"
 TOKEN_CACHE_S = 30.0
 

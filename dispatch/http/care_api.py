@@ -6,13 +6,11 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from dispatch.districts import DISTRICTS
-from dispatch.http.router import ApiError, ApiRequest, Router
+from dispatch.http.router import ALL, ENROLL, ApiError, ApiRequest, Router
 from dispatch.routing import care_schedule as cs
 from dispatch.routing.care import plan_for
 from dispatch.store import care as repo
 
-ALL = ("admin", "operator", "district", "community")
-EDIT = ("admin", "district")
 MAX_REPORT_DAYS = 366
 
 
@@ -110,8 +108,8 @@ def add_routes(router: Router, api: CareApi) -> None:
     """Register the care endpoints."""
     p = "/api/v1"
     router.add("GET", f"{p}/subscribers/{{id}}/care-plan", api.get_plan, ALL)
-    router.add("PUT", f"{p}/subscribers/{{id}}/care-plan", api.put_plan, EDIT)
-    router.add("PUT", f"{p}/care-plans/districts/{{district}}", api.put_district_plan, EDIT)
+    router.add("PUT", f"{p}/subscribers/{{id}}/care-plan", api.put_plan, ENROLL)
+    router.add("PUT", f"{p}/care-plans/districts/{{district}}", api.put_district_plan, ENROLL)
     router.add("GET", f"{p}/subscribers/{{id}}/care", api.history, ALL)
     router.add(
         "POST",

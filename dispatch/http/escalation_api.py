@@ -6,15 +6,12 @@ from typing import Any
 
 from dispatch import logs, metrics
 from dispatch.districts import DISTRICTS
-from dispatch.http.router import ApiError, ApiRequest, Router
+from dispatch.http.router import ALL, OPERATORS, ApiError, ApiRequest, Router
 from dispatch.routing import policy as pol
 from dispatch.routing import signing
 from dispatch.store import escalation as repo
 
 log = logs.get(__name__)
-
-OPERATORS = ("admin", "operator")
-ALL = ("admin", "operator", "district", "community")
 
 
 class EscalationApi:

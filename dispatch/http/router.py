@@ -24,6 +24,11 @@ log = logs.get(__name__)
 
 MAX_BODY = 1 << 20
 
+# Who may call what; every route names one of these (or None: no token).
+ALL = ("admin", "operator", "district", "community")
+OPERATORS = ("admin", "operator")
+ENROLL = ("admin", "district")
+
 
 class ApiError(Exception):
     """An error for the client: HTTP status, a stable code and a sentence."""
