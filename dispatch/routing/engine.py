@@ -21,6 +21,8 @@ from dispatch.store import escalation as repo
 
 log = logs.get(__name__)
 
+TIMER_BATCH = 200
+
 MESSAGES = {
     "sos": "{name} pressed the emergency button{where}. Reply accept if you are going.",
     "fall": "{name}'s terminal detected a fall{where}. Reply accept if you are going.",
@@ -77,6 +79,8 @@ class EscalationEngine:
         self.callback_base = callback_base.rstrip("/")
         self.relay_numbers = relay_numbers or {"relay_110": "110", "relay_120": "120"}
         self._calls: dict[int, Any] = {}
+        self._due: list[int] = []
+        self._firing = False
         self._gauge_loop = task.LoopingCall(self._refresh_gauge)
         self._gauge_loop.clock = clock
         self.on_change: list[Callable[[int, str], None]] = []
@@ -157,26 +161,55 @@ class EscalationEngine:
         delay = max(0.0, due.timestamp() - self.clock.seconds())
         self._calls[timer_id] = self.clock.callLater(delay, self._fire, timer_id)
 
-    def _fire(self, timer_id: int) -> defer.Deferred[None]:
+    def _fire(self, timer_id: int) -> None:
+        """A timer came due: queue it; due timers are fired in shared transactions."""
         self._calls.pop(timer_id, None)
-        d = defer.ensureDeferred(self._fire_async(timer_id))
-        d.addErrback(lambda f: log.error("timer_failed", timer=timer_id, error=f.getErrorMessage()))
-        return d
+        self._due.append(timer_id)
+        if not self._firing:
+            self._firing = True
+            # Next turn, so every timer due at this instant joins the same batch.
+            self.clock.callLater(0, self._drain)
 
-    async def _fire_async(self, timer_id: int) -> None:
-        fired = await self.db.write(repo.fire_timer, timer_id, self.now())
-        if fired is None:
-            return
+    def _drain(self) -> None:
+        d = defer.ensureDeferred(self._fire_due())
+        d.addErrback(lambda f: log.error("timers_failed", error=f.getErrorMessage()))
+
+    async def _fire_due(self) -> None:
+        # Many incidents come due together (a burst of alarms, a restart): one transaction
+        # per batch instead of one per timer, each row still claimed exactly once.
+        try:
+            while self._due:
+                ids, self._due = self._due[:TIMER_BATCH], self._due[TIMER_BATCH:]
+                for fired in await self._fire_batch(ids):
+                    self._after_fire(fired)
+        finally:
+            self._firing = False
+
+    async def _fire_batch(self, ids: list[int]) -> list[repo.Fired]:
+        try:
+            return await self.db.write(repo.fire_timers, ids, self.now())
+        except Exception as exc:
+            log.error("timer_batch_failed", timers=len(ids), error=str(exc))
+        if len(ids) > 1:
+            # One bad row must not hold the others back: fire them one by one.
+            fired: list[repo.Fired] = []
+            for timer_id in ids:
+                fired += await self._fire_batch([timer_id])
+            return fired
+        # Still pending in the store, so nothing is lost: try this one again shortly.
+        self._calls[ids[0]] = self.clock.callLater(1.0, self._fire, ids[0])
+        return []
+
+    def _after_fire(self, fired: repo.Fired) -> None:
         for new_id, due in fired.timers:
             self._schedule(new_id, due)
         if fired.late:
             metrics.ESCALATION_LATE.inc()
         if fired.attempts:
             self._changed(fired.incident_id, "notified")
-            await defer.DeferredList(
-                [defer.ensureDeferred(self._send(fired, a)) for a in fired.attempts],
-                consumeErrors=True,
-            )
+            for attempt in fired.attempts:
+                d = defer.ensureDeferred(self._send(fired, attempt))
+                d.addErrback(lambda f: log.error("send_failed", error=f.getErrorMessage()))
 
     async def _send(self, fired: repo.Fired, attempt: dict[str, Any]) -> None:
         ctx = fired.context or {}

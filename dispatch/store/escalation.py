@@ -256,6 +256,11 @@ def unplanned_incidents(session: Session) -> list[int]:
     return list(session.scalars(q))
 
 
+def fire_timers(session: Session, timer_ids: list[int], now: datetime) -> list[Fired]:
+    """Fire several timers in one transaction (each row is still claimed once)."""
+    return [f for f in (fire_timer(session, t, now) for t in timer_ids) if f is not None]
+
+
 def fire_timer(session: Session, timer_id: int, now: datetime) -> Fired | None:
     """Fire one timer: claim it, then place the wave it points at (or wait for a relay)."""
     claimed = session.execute(
