@@ -22,6 +22,7 @@ from dispatch.store import escalation as repo
 log = logs.get(__name__)
 
 TIMER_BATCH = 200
+PLAN_BATCH = 200
 
 MESSAGES = {
     "sos": "{name} pressed the emergency button{where}. Reply accept if you are going.",
@@ -80,6 +81,8 @@ class EscalationEngine:
         self.relay_numbers = relay_numbers or {"relay_110": "110", "relay_120": "120"}
         self._calls: dict[int, Any] = {}
         self._due: list[int] = []
+        self._to_plan: list[int] = []
+        self._planning = False
         self._firing = False
         self._gauge_loop = task.LoopingCall(self._refresh_gauge)
         self._gauge_loop.clock = clock
@@ -120,19 +123,47 @@ class EscalationEngine:
     # --- planning ---------------------------------------------------------------------
 
     def incident_opened(self, incident_id: int) -> None:
-        """Listener entry point: plan and start escalating (never raises)."""
-        d = defer.ensureDeferred(self.start_incident(incident_id))
-        d.addErrback(
-            lambda f: log.error(
-                "escalation_start_failed", incident=incident_id, error=f.getErrorMessage()
-            )
-        )
+        """Listener entry point: plan and start escalating (never raises).
 
-    async def start_incident(self, incident_id: int) -> None:
-        """Plan the incident from its policy and schedule its first wave now."""
-        ctx = await self.db.read(repo.start_context, incident_id)
-        if ctx is None:
-            return
+        Incidents opened at the same instant (a burst of alarms) are planned together:
+        one read and one write per batch instead of two transactions each.
+        """
+        self._to_plan.append(incident_id)
+        if not self._planning:
+            self._planning = True
+            self.clock.callLater(0, self._drain_plans)
+
+    def _drain_plans(self) -> None:
+        d = defer.ensureDeferred(self._plan_queued())
+        d.addErrback(lambda f: log.error("planning_failed", error=f.getErrorMessage()))
+
+    async def _plan_queued(self) -> None:
+        try:
+            while self._to_plan:
+                ids, self._to_plan = self._to_plan[:PLAN_BATCH], self._to_plan[PLAN_BATCH:]
+                try:
+                    await self._plan_batch(ids)
+                except Exception as exc:
+                    log.error("plan_batch_failed", incidents=len(ids), error=str(exc))
+                    for incident_id in ids:  # one by one, so one bad incident blocks nobody
+                        try:
+                            await self.start_incident(incident_id)
+                        except Exception as one:
+                            # Still open with no plan: the next start() plans it.
+                            log.error(
+                                "escalation_start_failed", incident=incident_id, error=str(one)
+                            )
+        finally:
+            self._planning = False
+
+    async def _plan_batch(self, ids: list[int]) -> None:
+        contexts = await self.db.read(repo.start_contexts, ids)
+        plans = [self._plan(ctx) for ctx in contexts]
+        for timer_id, due in await self.db.write(repo.begin_escalations, plans, self.now()):
+            self._schedule(timer_id, due)
+
+    def _plan(self, ctx: dict[str, Any]) -> tuple[int, dict | None, dict[str, Any]]:
+        """(incident id, chosen policy row, plan document) for one incident."""
         chosen, policy = _choose(ctx["candidates"], ctx["kind"])
         waves = pol.plan(
             policy,
@@ -147,6 +178,14 @@ class EscalationEngine:
             "relay_deadline_s": policy.relay_deadline_s,
             "subscriber": ctx["subscriber"],
         }
+        return ctx["incident_id"], chosen, plan
+
+    async def start_incident(self, incident_id: int) -> None:
+        """Plan one incident from its policy and schedule its first wave now."""
+        ctx = await self.db.read(repo.start_context, incident_id)
+        if ctx is None:
+            return
+        _, chosen, plan = self._plan(ctx)
         for timer_id, due in await self.db.write(
             repo.begin_escalation, incident_id, chosen, plan, self.now()
         ):

@@ -197,6 +197,23 @@ def start_context(session: Session, incident_id: int) -> dict[str, Any] | None:
     }
 
 
+def start_contexts(session: Session, incident_ids: list[int]) -> list[dict[str, Any]]:
+    """``start_context`` for several incidents in one read (those needing a plan)."""
+    return [c for c in (start_context(session, i) for i in incident_ids) if c is not None]
+
+
+def begin_escalations(
+    session: Session,
+    plans: list[tuple[int, dict[str, Any] | None, dict[str, Any]]],
+    now: datetime,
+) -> list[tuple[int, datetime]]:
+    """``begin_escalation`` for several incidents in one transaction."""
+    timers: list[tuple[int, datetime]] = []
+    for incident_id, policy, plan in plans:
+        timers += begin_escalation(session, incident_id, policy, plan, now)
+    return timers
+
+
 def begin_escalation(
     session: Session,
     incident_id: int,

@@ -326,10 +326,24 @@ def test_night_sos_calls_community_first(sqlite_url: str) -> None:
 
 
 def test_incident_opened_survives_storage_failure(world: World) -> None:
-    """incident_opened swallows a storage error; the incident is planned at the next start."""
+    """incident_opened swallows a storage error; a failed batch is retried one by one."""
     iid = world.sos()
     world.db.fail_next.add("read")
     world.engine.incident_opened(iid)  # must not raise
+    world.clock.advance(0)
+    assert world.channel.sent() == [(SON, "voice"), (SON, "sms")]
+
+
+def test_incident_that_cannot_be_planned_is_planned_at_next_start(world: World) -> None:
+    """Planning fails twice (batch and single): the open incident is planned at restart."""
+    iid = world.sos()
+
+    async def broken(incident_id: int) -> None:
+        raise RuntimeError("database unreachable")
+
+    world.db.fail_next.add("read")
+    world.engine.start_incident = broken  # the one-by-one retry fails too
+    world.engine.incident_opened(iid)
     world.clock.advance(0)
     assert world.channel.requests == []
     new = world.restart()
