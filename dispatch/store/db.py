@@ -33,7 +33,9 @@ def _sqlite_pragmas(immediate: bool) -> Callable[[Engine], None]:
             cur.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged SOS must survive a power cut, not only a crash.
             cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=10000")
+            # Writers queue on SQLite's one lock; under a burst (10,000 incidents escalating
+            # while care rounds are planned) 10 s was seen to run out, so wait longer.
+            cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -50,7 +52,7 @@ def make_engine(url: str, *, immediate: bool = False, pool_size: int = 5) -> Eng
     """Create an engine; SQLite gets WAL, a busy timeout and explicit transaction starts."""
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 10}, pool_size=pool_size
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
         )
         _sqlite_pragmas(immediate)(engine)
         return engine
