@@ -107,6 +107,7 @@ def record_sos(session: Session, sos: SosInput, dedup_window: timedelta) -> SosR
             device_id=sos.device_id,
             seq=sos.seq,
             received_at=sos.received_at,
+            terminal_time=sos.terminal_time,
             incident_id=incident.id,
         )
     )

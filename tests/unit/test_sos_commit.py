@@ -91,3 +91,18 @@ def test_a_resend_inside_the_same_batch_is_a_duplicate(sqlite_url: str) -> None:
     assert (records[0].created, records[0].duplicate) == (True, False)
     assert (records[1].duplicate, records[1].incident_id) == (True, records[0].incident_id)
     db.stop()
+
+
+def test_reused_seq_with_a_new_terminal_time_is_a_new_alarm(sqlite_url: str) -> None:
+    """A rebooted terminal reusing seq 1 with a later clock is not taken for a resend."""
+    from dispatch.store import incidents as incident_repo
+
+    db = SyncDatabase(sqlite_url)
+    _, device_id = seed_subscriber(db, "860000000000001")
+    window = timedelta(hours=24)
+    first = db.urgent(incident_repo.record_sos, sos(1, device_id, 1_800_000_000), window).result
+    resend = db.urgent(incident_repo.record_sos, sos(1, device_id, 1_800_000_000), window).result
+    reboot = db.urgent(incident_repo.record_sos, sos(1, device_id, 1_800_003_600), window).result
+    assert first.created and resend.duplicate
+    assert not reboot.duplicate and reboot.incident_id == first.incident_id  # joins, as a press
+    db.stop()
