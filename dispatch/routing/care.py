@@ -232,6 +232,8 @@ class CareScheduler:
             return
         if todo["do"] == "prompt":
             await self._prompt(todo)
+        elif todo["do"] == "wait":
+            self._schedule(round_id, todo["at"], ident)
         elif todo["do"] == "retry":
             metrics.CARE_ROUNDS.labels("retried").inc()
             self._schedule(round_id, todo["at"], ident)

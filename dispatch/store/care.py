@@ -252,8 +252,11 @@ def act(
     ``{"do": "missed", "incident_id"}`` or None when the round needs nothing now.
     """
     rnd = session.get(CareRound, round_id, with_for_update=True)
-    if rnd is None or rnd.status not in ACTIVE or rnd.next_action_at > now:
+    if rnd is None or rnd.status not in ACTIVE:
         return None
+    if rnd.next_action_at > now:
+        # A stale timer (an older refill) fired early: tell the scheduler the real time.
+        return {"do": "wait", "at": rnd.next_action_at, "round_id": rnd.id}
     late = now - rnd.next_action_at > late_after
     if rnd.status == "prompted":
         outcome = _expired(session, rnd, now, late)
