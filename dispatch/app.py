@@ -69,7 +69,7 @@ class DispatchApp:
         )
         self.live.on_offline.append(self._device_offline)
         self.flusher = LiveStateFlusher(reactor, self.db, self.live, config.flush_interval)
-        self.api = Api(self.db, reactor)
+        self.api = Api(self.db, reactor, self.live)
         self.engine = EscalationEngine(
             reactor,
             self.db,
@@ -157,7 +157,7 @@ class DispatchApp:
         self.db.start()
         for device_id, ident, last_seen in await self.db.read(device_repo.online_devices):
             seen = last_seen.timestamp() if last_seen else self.reactor.seconds()
-            self.live.restore(device_id, ident, seen)
+            self.live.restore(device_id, ident, seen, self.reactor.seconds())
         host = self.config.host
         factories = codec_factories()
         for name in ("native", "gt06", "jt808"):

@@ -1,9 +1,14 @@
 """Live device state in memory, flushed to the store in batches.
 
-A heartbeat changes a few fields of one object and marks it dirty; nothing
-touches the database per frame.  :class:`LiveStateFlusher` writes the dirty
-rows every ``flush_interval`` seconds in chunks, so an SOS transaction never
-waits behind a long flush, and the offline sweep runs on the same timer.
+A heartbeat changes a few fields of one object; nothing touches the database
+per frame.  A device becomes dirty when something an operator or a later
+restart needs changes (online/offline, login details, battery, charging, a
+position) or when its stored ``last_seen`` is older than ``persist_every_s``:
+at 300,000 terminals a row per heartbeat would be 5,000 row updates a second
+for nothing, since offline detection runs on memory.  :class:`LiveStateFlusher`
+writes the dirty rows every ``flush_interval`` seconds in chunks, so an SOS
+transaction never waits behind a long flush, and the offline sweep runs on the
+same timer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dispatch.store import devices as device_repo
 log = logs.get(__name__)
 
 CHUNK = 500
+PERSIST_EVERY_S = 300.0
 
 
 def utc(ts: float) -> datetime:
@@ -41,6 +47,9 @@ class DeviceLive:
         "charging",
         "lat",
         "lon",
+        "firmware",
+        "protocol_version",
+        "persisted_seen",
         "dirty",
     )
 
@@ -54,11 +63,16 @@ class DeviceLive:
         self.charging: bool | None = None
         self.lat: float | None = None
         self.lon: float | None = None
+        # Login details are None until this process sees a login (a device restored at
+        # start-up keeps what the store has).
+        self.firmware: str | None = None
+        self.protocol_version: int | None = None
+        self.persisted_seen = 0.0
         self.dirty = False
 
     def row(self) -> dict[str, Any]:
-        """The columns a flush writes."""
-        return {
+        """The columns a flush writes (login details only once known)."""
+        row = {
             "id": self.device_id,
             "online": self.online,
             "last_seen": utc(self.last_seen) if self.last_seen else None,
@@ -68,13 +82,36 @@ class DeviceLive:
             "lat": self.lat,
             "lon": self.lon,
         }
+        if self.protocol_version is not None:
+            row["firmware"] = self.firmware or None
+            row["protocol_version"] = self.protocol_version
+        return row
+
+    def view(self) -> dict[str, Any]:
+        """The known live fields in the API's device shape (fresher than the stored row).
+
+        Fields this process has not seen yet (a device restored at start-up has no
+        battery reading until its first heartbeat) are left out, so the stored value
+        shows through.
+        """
+        known: dict[str, Any] = {"online": self.online}
+        if self.last_seen:
+            known["last_seen"] = utc(self.last_seen).isoformat()
+        for name in ("battery", "signal", "charging", "firmware"):
+            value = getattr(self, name)
+            if value is not None:
+                known[name] = value
+        if self.lat is not None:
+            known["location"] = {"lat": self.lat, "lon": self.lon}
+        return known
 
 
 class LiveState:
     """Every logged-in (or recently seen) device's live fields, keyed by ident."""
 
-    def __init__(self, offline_after_s: float) -> None:
+    def __init__(self, offline_after_s: float, persist_every_s: float = PERSIST_EVERY_S) -> None:
         self.offline_after_s = offline_after_s
+        self.persist_every_s = persist_every_s
         self._devices: dict[str, DeviceLive] = {}
         self._dirty: dict[str, DeviceLive] = {}
         self._events: list[dict[str, Any]] = []
@@ -91,7 +128,11 @@ class LiveState:
             self._dirty[d.ident] = d
 
     def seen(self, device_id: int, ident: str, now: float) -> DeviceLive:
-        """Record activity from a device; it is online from now."""
+        """Record activity from a device; it is online from now.
+
+        The row is marked for writing when the device comes online or its stored
+        ``last_seen`` is ``persist_every_s`` old, not on every frame.
+        """
         d = self._devices.get(ident)
         if d is None:
             d = self._devices[ident] = DeviceLive(device_id, ident)
@@ -100,8 +141,16 @@ class LiveState:
             d.online = True
             self.online_count += 1
             metrics.SESSIONS_ONLINE.set(self.online_count)
-        self._mark(d)
+            self._mark(d)
+        elif now - d.persisted_seen >= self.persist_every_s:
+            self._mark(d)
         return d
+
+    def logged_in(self, d: DeviceLive, firmware: str, protocol_version: int) -> None:
+        """Keep a login's details for the next flush (the login itself writes nothing)."""
+        d.firmware = firmware or None
+        d.protocol_version = protocol_version
+        self._mark(d)
 
     def heartbeat(
         self,
@@ -111,14 +160,30 @@ class LiveState:
         signal: int | None,
         location: Location | None,
     ) -> None:
-        """Apply a heartbeat's fields (unknown values keep the last known ones)."""
-        if battery is not None:
+        """Apply a heartbeat's fields (unknown values keep the last known ones).
+
+        A change of battery, charging or position marks the row for writing; the
+        signal alone does not (it wobbles from beat to beat and is written along
+        with the next row that is).
+        """
+        changed = charging is not d.charging
+        if battery is not None and battery != d.battery:
             d.battery = battery
+            changed = True
         if signal is not None:
             d.signal = signal
         d.charging = charging
-        if location is not None:
+        if location is not None and (location.lat != d.lat or location.lon != d.lon):
             d.lat, d.lon = location.lat, location.lon
+            changed = True
+        if changed:
+            self._mark(d)
+
+    def set_battery(self, d: DeviceLive, battery: int) -> None:
+        """Record a battery level reported outside a heartbeat (an SOS frame)."""
+        if battery != d.battery:
+            d.battery = battery
+            self._mark(d)
 
     def locate(self, d: DeviceLive, location: Location) -> None:
         """Record a position report."""
@@ -135,10 +200,16 @@ class LiveState:
             for callback in self.on_offline:
                 callback(d, reason)
 
-    def restore(self, device_id: int, ident: str, last_seen: float) -> None:
-        """Load a device the store believes online, so silence still takes it offline."""
+    def restore(self, device_id: int, ident: str, last_seen: float, now: float) -> None:
+        """Load a device the store believes online, so silence still takes it offline.
+
+        The stored ``last_seen`` may be up to ``persist_every_s`` older than the
+        device's last frame, so it counts as seen that much later (never after
+        ``now``): a restart must not take live terminals offline early.
+        """
         d = self._devices.setdefault(ident, DeviceLive(device_id, ident))
-        d.last_seen = last_seen
+        d.last_seen = min(now, last_seen + self.persist_every_s)
+        d.persisted_seen = last_seen
         if not d.online:
             d.online = True
             self.online_count += 1
@@ -169,6 +240,7 @@ class LiveState:
         rows = [d.row() for d in self._dirty.values()]
         for d in self._dirty.values():
             d.dirty = False
+            d.persisted_seen = d.last_seen
         self._dirty = {}
         events, self._events = self._events, []
         return rows, events

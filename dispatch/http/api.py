@@ -24,9 +24,11 @@ TOKEN_CACHE_S = 30.0
 class Api:
     """Handlers bound to the store and clock."""
 
-    def __init__(self, db: Any, clock: Any) -> None:
+    def __init__(self, db: Any, clock: Any, live: Any = None) -> None:
+        """``live``: the gateway's LiveState, whose fields are fresher than the store's."""
         self.db = db
         self.clock = clock
+        self.live = live
         self._tokens: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.ready = False
 
@@ -109,7 +111,13 @@ class Api:
     # --- devices and incidents ------------------------------------------------------
 
     async def get_device(self, req: ApiRequest) -> tuple[int, Any]:
-        return 200, await self.db.read(device_repo.get_device, req.params["ident"])
+        ident = req.params["ident"]
+        device = await self.db.read(device_repo.get_device, ident)
+        # The store gets last_seen only every few minutes while a device is online.
+        current = self.live.get(ident) if self.live is not None else None
+        if current is not None:
+            device.update(current.view())
+        return 200, device
 
     async def list_incidents(self, req: ApiRequest) -> tuple[int, Any]:
         status = req.query.get("status")

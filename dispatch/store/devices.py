@@ -42,28 +42,22 @@ def device_for_login(session: Session, ident: str) -> DeviceInfo | None:
     return DeviceInfo(row.id, ident, row.protocol, row.subscriber_id, tuple(numbers), row.auth_code)
 
 
-def record_login(
-    session: Session, device_id: int, firmware: str, protocol_version: int, now: datetime
-) -> None:
-    """Note a login: firmware, protocol version, online now."""
-    session.execute(
-        update(Device)
-        .where(Device.id == device_id)
-        .values(
-            firmware=firmware or None, protocol_version=protocol_version, online=True, last_seen=now
-        )
-    )
-
-
 def set_auth_code(session: Session, device_id: int, code: str) -> None:
     """Store the authentication code issued at a JT/T 808 registration."""
     session.execute(update(Device).where(Device.id == device_id).values(auth_code=code))
 
 
 def flush_live(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Write a batch of live-state rows (keys: id, online, last_seen, battery, ...)."""
-    if rows:
-        session.execute(update(Device), rows)
+    """Write a batch of live-state rows (keys: id, online, last_seen, battery, ...).
+
+    Rows with login details (firmware, protocol_version) and rows without are
+    written as two executemany batches: one statement needs one set of columns.
+    """
+    with_login = [r for r in rows if "protocol_version" in r]
+    without = [r for r in rows if "protocol_version" not in r]
+    for batch in (with_login, without):
+        if batch:
+            session.execute(update(Device), batch)
     return len(rows)
 
 

@@ -27,6 +27,7 @@ from dispatch import livestate
 from dispatch.app import DispatchApp
 from dispatch.config import Config
 from dispatch.gateway import Gateway
+from dispatch.http.router import ApiRequest
 from dispatch.livestate import DeviceLive, LiveState, LiveStateFlusher
 from dispatch.protocol import native_format as fmt
 from dispatch.protocol import transport as transport_mod
@@ -204,14 +205,19 @@ def test_login_known_device_gets_ack_then_settings(term: Terminal) -> None:
 
 
 def test_login_binds_link_and_marks_device_online(term: Terminal, gateway: Gateway, db) -> None:
-    """After LOGIN the gateway routes the ident to this connection and the store says online."""
+    """After LOGIN the gateway routes the ident here; the next flush stores online + firmware."""
+    writes = len(db.calls)
     term.login()
     assert gateway.links[IDENT] is term.proto
     live = gateway.live.get(IDENT)
     assert live is not None and live.online
+    assert db.calls[writes:] == [("read", "device_for_login")]  # a login writes nothing itself
+    assert device_row(db).online is False
+    defer.ensureDeferred(LiveStateFlusher(gateway.clock, db, gateway.live, 2.0).flush())
     row = device_row(db)
     assert row.online is True
     assert row.firmware == "sim-1.0"
+    assert row.protocol_version == 1
     assert row.last_seen == datetime.fromtimestamp(START, UTC)
 
 
@@ -239,11 +245,10 @@ def test_login_lookup_failure_answers_try_later_and_keeps_connection(term, db) -
     assert types(term.login()) == ["login_ack", "settings"]
 
 
-def test_login_record_failure_answers_try_later_and_does_not_bind(term, db, gateway) -> None:
-    """If the login cannot be recorded, LOGIN gets NACK try_later and the device stays unbound."""
-    db.fail_next = {"write"}
-    first = term.login()
-    assert types(first) == ["login_nack"] and first[0]["reason"] == "try_later"
+def test_login_lookup_failure_does_not_bind(term, db, gateway) -> None:
+    """A LOGIN the store could not look up leaves the device unbound: heartbeats are NACKed."""
+    db.fail_next = {"read"}
+    assert types(term.login()) == ["login_nack"]
     assert IDENT not in gateway.links
     assert types(term.heartbeat()) == ["nack"]
     assert types(term.login()) == ["login_ack", "settings"]
@@ -595,6 +600,76 @@ def test_flush_writes_many_devices_in_chunks(
     assert db.count(EventLog, EventLog.kind == "login") == 7
 
 
+def flushed_rows(db: SyncDatabase, live: LiveState, clock) -> Delta:
+    """Run one flush now; return how many device rows it wrote."""
+    rows = Delta("dispatch_live_flush_rows_total")
+    defer.ensureDeferred(LiveStateFlusher(clock, db, live, 2.0).flush())
+    return rows
+
+
+def test_steady_heartbeats_write_last_seen_only_every_persist_interval(
+    term: Terminal, db, live: LiveState, clock
+) -> None:
+    """Unchanged heartbeats dirty no row until the stored last_seen is persist_every_s old."""
+    term.login()
+    term.heartbeat(battery=80, signal=70)
+    assert flushed_rows(db, live, clock).value == 1
+    beats = int(live.persist_every_s // HEARTBEAT)
+    written = []
+    for _ in range(beats * 2):
+        clock.advance(HEARTBEAT)
+        assert types(term.heartbeat(battery=80, signal=70)) == ["ack"]
+        written.append(int(flushed_rows(db, live, clock).value))
+    # One row per persist interval: the first beat at which last_seen is that old.
+    assert written == ([0] * (beats - 1) + [1]) * 2
+    assert device_row(db).last_seen == datetime.fromtimestamp(clock.seconds(), UTC)
+
+
+def test_battery_or_charging_change_is_written_at_next_flush(
+    term: Terminal, db, live: LiveState, clock
+) -> None:
+    """A heartbeat that changes battery or charging is stored at once; signal alone is not."""
+    term.login()
+    term.heartbeat(battery=80, signal=70)
+    flushed_rows(db, live, clock)
+    clock.advance(HEARTBEAT)
+    term.heartbeat(battery=80, signal=55)
+    assert flushed_rows(db, live, clock).value == 0
+    term.heartbeat(battery=79, signal=55)
+    assert flushed_rows(db, live, clock).value == 1
+    term.heartbeat(battery=79, signal=55, charging=True)
+    assert flushed_rows(db, live, clock).value == 1
+    row = device_row(db)
+    assert (row.battery, row.signal, row.charging) == (79, 55, True)
+
+
+def test_going_offline_stores_the_true_last_seen(term: Terminal, db, live, clock) -> None:
+    """A device that falls silent is stored offline with the time of its last frame."""
+    term.login()
+    flushed_rows(db, live, clock)
+    clock.advance(HEARTBEAT)
+    term.heartbeat()
+    last_frame = clock.seconds()
+    clock.advance(SILENCE + 1)
+    live.sweep(clock.seconds())
+    assert flushed_rows(db, live, clock).value == 1
+    row = device_row(db)
+    assert row.online is False
+    assert row.last_seen == datetime.fromtimestamp(last_frame, UTC)
+
+
+def test_restored_device_gets_the_persist_slack_before_going_offline(clock) -> None:
+    """After a restart the stored last_seen may be persist_every_s stale: count from later."""
+    live = LiveState(SILENCE, persist_every_s=300)
+    now = clock.seconds()
+    live.restore(7, IDENT, now - SILENCE - 60, now)
+    assert live.sweep(now) == []  # would have gone offline at once without the slack
+    assert live.sweep(now + 300 - 60 + 1) == [live.get(IDENT)]
+    fresh = LiveState(SILENCE, persist_every_s=300)
+    fresh.restore(8, "860000000000009", now - 10, now)
+    assert fresh.get("860000000000009").last_seen == now  # never later than now
+
+
 def test_flush_failure_requeues_rows_for_next_flush(term: Terminal, db, live, clock) -> None:
     """A flush that fails loses nothing: the rows and events are written by the next flush."""
     errors = Delta("dispatch_db_errors_total", {"op": "live_flush"})
@@ -634,6 +709,25 @@ def test_app_closes_link_of_device_gone_silent(app_gateway: DispatchApp) -> None
     app.reactor.advance(SILENCE + 1)
     app.live.sweep(app.reactor.seconds())
     assert term.closed
+
+
+def test_app_device_view_shows_live_fields_before_any_flush(app_gateway: DispatchApp, db) -> None:
+    """GET /devices/{ident} answers from live state: the store's row lags by design."""
+    app = app_gateway
+    app.api.db = db
+    term = Terminal(app.gateway, app.reactor)
+    term.login()
+    app.reactor.advance(HEARTBEAT)
+    term.heartbeat(battery=64, signal=12)
+    assert device_row(db).online is False  # nothing flushed yet
+    request = ApiRequest("GET", f"/api/v1/devices/{IDENT}", {"ident": IDENT}, {}, b"")
+    result: list[Any] = []
+    defer.ensureDeferred(app.api.get_device(request)).addCallback(result.append)
+    code, device = result[0]
+    assert code == 200
+    assert device["online"] is True
+    assert device["last_seen"] == datetime.fromtimestamp(START + HEARTBEAT, UTC).isoformat()
+    assert (device["battery"], device["signal"], device["firmware"]) == (64, 12, "sim-1.0")
 
 
 def test_app_logout_is_acked_and_connection_left_open(app_gateway: DispatchApp) -> None:
