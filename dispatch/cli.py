@@ -60,8 +60,13 @@ def _serve(config: cfgmod.Config, after_start: Any = None) -> int:
     from twisted.internet import defer, reactor
 
     from dispatch.app import DispatchApp
+    from dispatch.gc_policy import FreezePolicy, GcPauseObserver
 
     app = DispatchApp(config, reactor)
+    # Process-wide (gc is global), so it lives here and not in DispatchApp, which tests
+    # start many times in one process.
+    GcPauseObserver().install()
+    gc_policy = FreezePolicy(reactor, lambda: app.live.online_count)
     status = {"code": 0}
     log = logs.get("dispatch.cli")
 
@@ -76,6 +81,8 @@ def _serve(config: cfgmod.Config, after_start: Any = None) -> int:
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.ensureDeferred(app.stop())
         )
+        gc_policy.start()
+        reactor.addSystemEventTrigger("before", "shutdown", gc_policy.stop)
         if after_start is not None:
             await after_start(app)
 

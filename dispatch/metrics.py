@@ -57,3 +57,12 @@ CARE_LAG_SECONDS = Histogram(
     "How late the care scheduler acted on a round (timer fire minus due time)",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300),
 )
+GC_PAUSE_SECONDS = Histogram(
+    "dispatch_gc_pause_seconds",
+    "Garbage-collector passes by generation (the reactor stops for each)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+GC_FROZEN_OBJECTS = Gauge(
+    "dispatch_gc_frozen_objects", "Objects moved out of the collector's passes by gc.freeze"
+)
