@@ -27,19 +27,19 @@ class DeviceInfo:
 
 def device_for_login(session: Session, ident: str) -> DeviceInfo | None:
     """The device with ``ident`` if it is bound to an active subscriber, else None."""
-    row = session.execute(
-        select(Device.id, Device.protocol, Device.subscriber_id, Device.auth_code)
+    # One statement, not two: after a restart every terminal logs in at once.
+    rows = session.execute(
+        select(Device.id, Device.protocol, Device.subscriber_id, Device.auth_code, Contact.phone)
         .join(Subscriber, Subscriber.id == Device.subscriber_id)
+        .outerjoin(Contact, Contact.subscriber_id == Device.subscriber_id)
         .where(Device.ident == ident, Subscriber.status == "active")
-    ).first()
-    if row is None:
-        return None
-    numbers = session.scalars(
-        select(Contact.phone)
-        .where(Contact.subscriber_id == row.subscriber_id)
         .order_by(Contact.position)
     ).all()
-    return DeviceInfo(row.id, ident, row.protocol, row.subscriber_id, tuple(numbers), row.auth_code)
+    if not rows:
+        return None
+    row = rows[0]
+    numbers = tuple(r.phone for r in rows if r.phone is not None)
+    return DeviceInfo(row.id, ident, row.protocol, row.subscriber_id, numbers, row.auth_code)
 
 
 def set_auth_code(session: Session, device_id: int, code: str) -> None:
