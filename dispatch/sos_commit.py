@@ -5,6 +5,10 @@ One SOS at a time, a burst of a thousand presses (a power cut, a test alarm)
 queues a thousand fsyncs.  Here one transaction is in flight at a time; the
 SOS frames that arrive while it commits go together in the next one, so a
 lone press is not delayed and a burst costs a handful of commits.
+
+A group is stored with :func:`dispatch.store.sos_batch.record_sos_batch`: a few bulk
+statements for the whole group instead of the ORM's six statements per frame, so the
+CPU a group costs under the GIL no longer grows by ~2 ms per SOS.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dispatch.store import incidents as incident_repo
 from dispatch.store.incidents import SosInput, SosRecord
+from dispatch.store.sos_batch import record_sos_batch
 
 MAX_BATCH = 500
 
 
 def record_batch(session: Any, items: list[SosInput], window: timedelta) -> list[SosRecord]:
-    """Store several SOS frames in one transaction (dedup sees earlier ones in the batch)."""
-    return [incident_repo.record_sos(session, item, window) for item in items]
+    """Store several SOS frames in one transaction (dedup sees earlier ones in the batch).
+
+    The records are those ``record_sos`` would return for the frames one after another.
+    """
+    return record_sos_batch(session, items, window)
 
 
 class SosCommitter:

@@ -45,7 +45,12 @@ class SosInput:
 
 
 def record_sos(session: Session, sos: SosInput, dedup_window: timedelta) -> SosRecord:
-    """Store an SOS frame: dedupe by (device, seq), join an open alarm or open a new one."""
+    """Store an SOS frame: dedupe by (device, seq), join an open alarm or open a new one.
+
+    The gateway stores SOS frames in groups with ``sos_batch.record_sos_batch``, which
+    must give the same rows and records as this function frame by frame (a test compares
+    them): change the rules in both.
+    """
     since = sos.received_at - dedup_window
     same = [
         SosFrame.device_id == sos.device_id,

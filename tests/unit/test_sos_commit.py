@@ -7,8 +7,9 @@ from typing import Any
 
 from twisted.internet import defer
 
-from dispatch.sos_commit import SosCommitter
+from dispatch.sos_commit import SosCommitter, record_batch
 from dispatch.store.incidents import SosInput
+from dispatch.store.models import EventLog, Incident, SosFrame, TimelineEntry
 from tests.unit.fakes import SyncDatabase, seed_subscriber
 
 NOW = datetime(2026, 12, 4, 2, 0, tzinfo=UTC)
@@ -83,8 +84,6 @@ def test_a_resend_inside_the_same_batch_is_a_duplicate(sqlite_url: str) -> None:
     """Two copies of one frame in one transaction: one incident, the second is a duplicate."""
     db = SyncDatabase(sqlite_url)
     _, device_id = seed_subscriber(db, "860000000000001")
-    from dispatch.sos_commit import record_batch
-
     records = db.urgent(
         record_batch, [sos(7, device_id), sos(7, device_id)], timedelta(hours=24)
     ).result
@@ -106,3 +105,78 @@ def test_reused_seq_with_a_new_terminal_time_is_a_new_alarm(sqlite_url: str) -> 
     assert first.created and resend.duplicate
     assert not reboot.duplicate and reboot.incident_id == first.incident_id  # joins, as a press
     db.stop()
+
+
+def test_reused_seq_with_a_new_terminal_time_in_one_batch_is_a_new_press(sqlite_url: str) -> None:
+    """The same three frames as above in one group: the same answers."""
+    db = SyncDatabase(sqlite_url)
+    _, device_id = seed_subscriber(db, "860000000000001")
+    frames = [sos(1, device_id, 1_800_000_000)] * 2 + [sos(1, device_id, 1_800_003_600)]
+    first, resend, reboot = db.urgent(record_batch, frames, timedelta(hours=24)).result
+    assert (first.created, first.duplicate) == (True, False)
+    assert (resend.duplicate, resend.incident_id) == (True, first.incident_id)
+    assert (reboot.created, reboot.duplicate) == (False, False)
+    assert reboot.incident_id == first.incident_id
+    assert db.count(SosFrame) == 2
+    db.stop()
+
+
+class HeldRealDatabase:
+    """A real database whose urgent transactions run only when the test releases them."""
+
+    def __init__(self, db: SyncDatabase) -> None:
+        self.db = db
+        self.held: list[tuple[Any, tuple[Any, ...], defer.Deferred]] = []
+
+    def urgent(self, fn: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.held.append((fn, args, d))
+        return d
+
+    def release(self) -> None:
+        """Run the oldest held transaction for real and fire its Deferred."""
+        fn, args, d = self.held.pop(0)
+        self.db.urgent(fn, *args).chainDeferred(d)
+
+
+def test_a_group_with_a_failing_frame_loses_nothing(db_url: str) -> None:
+    """One frame the store rejects rolls its whole group back: nobody in it is acked.
+
+    Every frame is then either acked and stored, or refused and absent (its terminal
+    resends); the resends are stored as new presses, not taken for duplicates of rows
+    the rollback removed.
+    """
+    real = SyncDatabase(db_url)
+    _, device_id = seed_subscriber(real, "860000000000001")
+    _, other_id = seed_subscriber(real, "860000000000002")
+    db = HeldRealDatabase(real)
+    committer = SosCommitter(db, timedelta(hours=24))
+    lone = committer.submit(sos(1, device_id))
+    good = committer.submit(sos(1, other_id))
+    # A terminal whose device row is gone (unbound between look-up and store): FK violation.
+    bad = committer.submit(sos(1, 999_999))
+    again = committer.submit(sos(2, device_id, 1_800_000_100))
+    db.release()
+    assert lone.result.created
+    assert [len(args[0]) for _, args, _ in db.held] == [3]
+    db.release()
+    refused: list[Any] = []
+    for d in (good, bad, again):
+        d.addErrback(refused.append)
+    assert len(refused) == 3  # nobody in the failed group is acked
+    assert not db.held  # and the committer is idle, ready for the next group
+    # Only the lone press is stored: nothing half-written by the failed group.
+    assert (real.count(SosFrame), real.count(Incident), real.count(TimelineEntry)) == (1, 1, 1)
+    assert real.count(EventLog, EventLog.kind == "sos") == 1
+    # The two good terminals resend; the next group stores them as the presses they are.
+    good_resent = committer.submit(sos(1, other_id))
+    again_resent = committer.submit(sos(2, device_id, 1_800_000_100))
+    db.release()  # the first resend goes alone, the second waits for it
+    db.release()
+    assert (good_resent.result.created, good_resent.result.duplicate) == (True, False)
+    assert (again_resent.result.duplicate, again_resent.result.incident_id) == (
+        False,
+        lone.result.incident_id,
+    )
+    assert (real.count(SosFrame), real.count(Incident)) == (3, 2)
+    real.stop()
