@@ -21,6 +21,8 @@ from dispatch.store import escalation as repo
 
 log = logs.get(__name__)
 
+# Due timers fired, and new incidents planned, per transaction.  While both are waiting
+# the engine takes one batch of each in turn (see _work_queued).
 TIMER_BATCH = 200
 PLAN_BATCH = 200
 
@@ -82,8 +84,7 @@ class EscalationEngine:
         self._calls: dict[int, Any] = {}
         self._due: list[int] = []
         self._to_plan: list[int] = []
-        self._planning = False
-        self._firing = False
+        self._working = False
         self._gauge_loop = task.LoopingCall(self._refresh_gauge)
         self._gauge_loop.clock = clock
         self.on_change: list[Callable[[int, str], None]] = []
@@ -98,8 +99,10 @@ class EscalationEngine:
         await self.db.write(repo.ensure_policies, pol.DEFAULT_POLICIES, self.now())
         for timer_id, due in await self.db.read(repo.pending_timers):
             self._schedule(timer_id, due)
+        # Planned in batches, taking turns with the timers that came due while down: a
+        # crash during a burst may leave thousands unplanned.
         for incident_id in await self.db.read(repo.unplanned_incidents):
-            await self.start_incident(incident_id)
+            self.incident_opened(incident_id)
         self._gauge_loop.start(15.0, now=True)
 
     def stop(self) -> None:
@@ -129,42 +132,83 @@ class EscalationEngine:
         one read and one write per batch instead of two transactions each.
         """
         self._to_plan.append(incident_id)
-        if not self._planning:
-            self._planning = True
-            self.clock.callLater(0, self._drain_plans)
+        self._kick()
 
-    def _drain_plans(self) -> None:
-        d = defer.ensureDeferred(self._plan_queued())
-        d.addErrback(lambda f: log.error("planning_failed", error=f.getErrorMessage()))
+    def _kick(self) -> None:
+        """Make sure the queued plans and due timers are being worked through."""
+        if not self._working:
+            self._working = True
+            # Next turn, so every timer due (and incident opened) at this instant joins
+            # the same batch.
+            self.clock.callLater(0, self._drain)
 
-    async def _plan_queued(self) -> None:
+    def _drain(self) -> None:
+        d = defer.ensureDeferred(self._work_queued())
+        d.addErrback(lambda f: log.error("escalation_work_failed", error=f.getErrorMessage()))
+
+    async def _work_queued(self) -> None:
+        # One batch at a time, taking turns while both queues wait.  Planning and firing
+        # are writes on the same database (one lock on SQLite): run side by side they
+        # contend for it, and a burst of new incidents would hold up the next steps of
+        # those already escalating, while a backlog of due timers (a restart, the waves of
+        # a burst planned a second ago) would hold up the first call to new incidents.
+        # Taking turns bounds each wait to one batch of the other kind.
+        timers_turn = True
         try:
-            while self._to_plan:
-                ids, self._to_plan = self._to_plan[:PLAN_BATCH], self._to_plan[PLAN_BATCH:]
-                try:
-                    await self._plan_batch(ids)
-                except Exception as exc:
-                    log.error("plan_batch_failed", incidents=len(ids), error=str(exc))
-                    for incident_id in ids:  # one by one, so one bad incident blocks nobody
-                        try:
-                            await self.start_incident(incident_id)
-                        except Exception as one:
-                            # Still open with no plan: the next start() plans it.
-                            log.error(
-                                "escalation_start_failed", incident=incident_id, error=str(one)
-                            )
+            while self._to_plan or self._due:
+                if self._due and (timers_turn or not self._to_plan):
+                    ids, self._due = self._due[:TIMER_BATCH], self._due[TIMER_BATCH:]
+                    for fired in await self._fire_batch(ids):
+                        self._after_fire(fired)
+                    timers_turn = False
+                else:
+                    ids, self._to_plan = self._to_plan[:PLAN_BATCH], self._to_plan[PLAN_BATCH:]
+                    await self._plan_ids(ids)
+                    timers_turn = True
         finally:
-            self._planning = False
+            self._working = False
+            if self._to_plan or self._due:
+                # Only an unexpected error ends the loop early: carry on with the rest.
+                self._kick()
+
+    async def _plan_ids(self, ids: list[int]) -> None:
+        """Plan a batch; if the batch fails, each incident on its own (never raises)."""
+        try:
+            await self._plan_batch(ids)
+            return
+        except Exception as exc:
+            log.error("plan_batch_failed", incidents=len(ids), error=str(exc))
+        for incident_id in ids:  # one by one, so one bad incident blocks nobody
+            try:
+                await self.start_incident(incident_id)
+            except Exception as one:
+                # Still open with no plan: the next start() plans it.
+                log.error("escalation_start_failed", incident=incident_id, error=str(one))
 
     async def _plan_batch(self, ids: list[int]) -> None:
         contexts = await self.db.read(repo.start_contexts, ids)
-        plans = [self._plan(ctx) for ctx in contexts]
+        chosen: dict[Any, tuple[dict | None, pol.Policy]] = {}
+        plans = [self._plan(ctx, chosen) for ctx in contexts]
         for timer_id, due in await self.db.write(repo.begin_escalations, plans, self.now()):
             self._schedule(timer_id, due)
 
-    def _plan(self, ctx: dict[str, Any]) -> tuple[int, dict | None, dict[str, Any]]:
-        """(incident id, chosen policy row, plan document) for one incident."""
-        chosen, policy = _choose(ctx["candidates"], ctx["kind"])
+    def _plan(
+        self,
+        ctx: dict[str, Any],
+        chosen_for: dict[Any, tuple[dict | None, pol.Policy]] | None = None,
+    ) -> tuple[int, dict | None, dict[str, Any]]:
+        """(incident id, chosen policy row, plan document) for one incident.
+
+        ``chosen_for`` remembers the choice per candidate set and kind across a batch, so
+        each distinct set of policies is parsed and chosen from once, not per incident.
+        """
+        key = (ctx.get("policy_key"), ctx["kind"])
+        if chosen_for is not None and key in chosen_for:
+            chosen, policy = chosen_for[key]
+        else:
+            chosen, policy = _choose(ctx["candidates"], ctx["kind"])
+            if chosen_for is not None and ctx.get("policy_key") is not None:
+                chosen_for[key] = chosen, policy
         waves = pol.plan(
             policy,
             ctx["kind"],
@@ -203,26 +247,10 @@ class EscalationEngine:
     def _fire(self, timer_id: int) -> None:
         """A timer came due: queue it; due timers are fired in shared transactions."""
         self._calls.pop(timer_id, None)
-        self._due.append(timer_id)
-        if not self._firing:
-            self._firing = True
-            # Next turn, so every timer due at this instant joins the same batch.
-            self.clock.callLater(0, self._drain)
-
-    def _drain(self) -> None:
-        d = defer.ensureDeferred(self._fire_due())
-        d.addErrback(lambda f: log.error("timers_failed", error=f.getErrorMessage()))
-
-    async def _fire_due(self) -> None:
         # Many incidents come due together (a burst of alarms, a restart): one transaction
         # per batch instead of one per timer, each row still claimed exactly once.
-        try:
-            while self._due:
-                ids, self._due = self._due[:TIMER_BATCH], self._due[TIMER_BATCH:]
-                for fired in await self._fire_batch(ids):
-                    self._after_fire(fired)
-        finally:
-            self._firing = False
+        self._due.append(timer_id)
+        self._kick()
 
     async def _fire_batch(self, ids: list[int]) -> list[repo.Fired]:
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatch.store.errors import Conflict, NotFound
@@ -146,31 +146,15 @@ def get_policy(session: Session, policy_id: int) -> dict[str, Any]:
 
 # --- starting an escalation ------------------------------------------------------------
 
+# Most ids one IN list carries: far below SQLite's and PostgreSQL's bound-parameter limits,
+# and above the engine's batch size, so an engine batch is one statement per table.
+MAX_IN = 500
 
-def start_context(session: Session, incident_id: int) -> dict[str, Any] | None:
-    """Everything the engine needs to plan an incident, or None if there is nothing to do."""
-    inc = session.get(Incident, incident_id)
-    if inc is None or inc.status != "open" or session.get(Escalation, incident_id) is not None:
-        return None
-    sub = session.get(Subscriber, inc.subscriber_id) if inc.subscriber_id else None
-    contacts = []
-    if sub is not None:
-        contacts = [
-            {"name": c.name, "phone": c.phone, "relation": c.relation, "tier": c.tier}
-            for c in session.scalars(
-                select(Contact).where(Contact.subscriber_id == sub.id).order_by(Contact.position)
-            )
-        ]
-    scopes = [(Policy.scope == "global")]
-    if sub is not None:
-        scopes += [
-            (Policy.scope == "district") & (Policy.district == sub.district),
-            (Policy.scope == "subscriber") & (Policy.subscriber_id == sub.id),
-        ]
-    candidates = [
-        {"id": p.id, "version": p.version, "scope": p.scope, "document": p.document}
-        for p in session.scalars(select(Policy).where(Policy.active.is_(True), or_(*scopes)))
-    ]
+
+def _context(
+    inc: Any, sub: Any, contacts: list[dict[str, Any]], candidates: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The planning context of one incident, from its row, its subscriber's and theirs."""
     location = {"lat": inc.lat, "lon": inc.lon} if inc.lat is not None else None
     subscriber = None
     if sub is not None:
@@ -194,12 +178,172 @@ def start_context(session: Session, incident_id: int) -> dict[str, Any] | None:
         "subscriber": subscriber,
         "contacts": contacts,
         "candidates": candidates,
+        # Incidents with the same candidate policies choose the same one for a kind: the
+        # engine parses and chooses once per key and batch (a policy row never changes).
+        "policy_key": tuple(c["id"] for c in candidates),
     }
 
 
+def _candidate(p: Any) -> dict[str, Any]:
+    return {"id": p.id, "version": p.version, "scope": p.scope, "document": p.document}
+
+
+def _contact(c: Any) -> dict[str, Any]:
+    return {"name": c.name, "phone": c.phone, "relation": c.relation, "tier": c.tier}
+
+
+def start_context(session: Session, incident_id: int) -> dict[str, Any] | None:
+    """Everything the engine needs to plan an incident, or None if there is nothing to do.
+
+    The one-incident path (restart, retries); ``start_contexts`` gives the same contexts
+    for a batch with a constant number of queries, and a test holds the two together.
+    """
+    inc = session.get(Incident, incident_id)
+    if inc is None or inc.status != "open" or session.get(Escalation, incident_id) is not None:
+        return None
+    sub = session.get(Subscriber, inc.subscriber_id) if inc.subscriber_id else None
+    contacts = []
+    if sub is not None:
+        contacts = [
+            _contact(c)
+            for c in session.scalars(
+                select(Contact)
+                .where(Contact.subscriber_id == sub.id)
+                .order_by(Contact.position, Contact.id)
+            )
+        ]
+    scopes = [(Policy.scope == "global")]
+    if sub is not None:
+        scopes += [
+            (Policy.scope == "district") & (Policy.district == sub.district),
+            (Policy.scope == "subscriber") & (Policy.subscriber_id == sub.id),
+        ]
+    # Ordered by id so candidates of equal scope and version are tried in a defined order,
+    # the same one start_contexts uses.
+    candidates = [
+        _candidate(p)
+        for p in session.scalars(
+            select(Policy).where(Policy.active.is_(True), or_(*scopes)).order_by(Policy.id)
+        )
+    ]
+    return _context(inc, sub, contacts, candidates)
+
+
 def start_contexts(session: Session, incident_ids: list[int]) -> list[dict[str, Any]]:
-    """``start_context`` for several incidents in one read (those needing a plan)."""
-    return [c for c in (start_context(session, i) for i in incident_ids) if c is not None]
+    """``start_context`` for several incidents (those needing a plan), in input order.
+
+    One query per table for up to ``MAX_IN`` incidents (incidents, escalations,
+    subscribers, contacts, policies) instead of about six per incident; candidate
+    policies are gathered once per distinct (district, subscriber override) scope.
+    An id given twice yields one context.
+    """
+    ids = list(dict.fromkeys(incident_ids))
+    if len(ids) > MAX_IN:
+        return [
+            ctx
+            for at in range(0, len(ids), MAX_IN)
+            for ctx in start_contexts(session, ids[at : at + MAX_IN])
+        ]
+    if not ids:
+        return []
+    incidents = {
+        r.id: r
+        for r in session.execute(
+            select(
+                Incident.id,
+                Incident.status,
+                Incident.kind,
+                Incident.subscriber_id,
+                Incident.lat,
+                Incident.lon,
+                Incident.created_at,
+            ).where(Incident.id.in_(ids))
+        )
+    }
+    planned = set(
+        session.scalars(select(Escalation.incident_id).where(Escalation.incident_id.in_(ids)))
+    )
+    todo = [
+        incidents[i]
+        for i in ids
+        if i in incidents and incidents[i].status == "open" and i not in planned
+    ]
+    sub_ids = sorted({r.subscriber_id for r in todo if r.subscriber_id})
+    subs: dict[int, Any] = {}
+    contacts: dict[int, list[dict[str, Any]]] = {}
+    if sub_ids:
+        subs = {
+            s.id: s
+            for s in session.execute(
+                select(
+                    Subscriber.id,
+                    Subscriber.name,
+                    Subscriber.address,
+                    Subscriber.district,
+                    Subscriber.village,
+                    Subscriber.health,
+                    Subscriber.disability_type,
+                    Subscriber.notes,
+                    Subscriber.living_situation,
+                ).where(Subscriber.id.in_(sub_ids))
+            )
+        }
+        contacts = {sid: [] for sid in subs}
+        for c in session.execute(
+            select(
+                Contact.subscriber_id, Contact.name, Contact.phone, Contact.relation, Contact.tier
+            )
+            .where(Contact.subscriber_id.in_(list(subs)))
+            .order_by(Contact.subscriber_id, Contact.position, Contact.id)
+        ):
+            contacts[c.subscriber_id].append(_contact(c))
+    scopes = [(Policy.scope == "global")]
+    if subs:
+        scopes += [
+            (Policy.scope == "district")
+            & Policy.district.in_(sorted({s.district for s in subs.values()})),
+            (Policy.scope == "subscriber") & Policy.subscriber_id.in_(list(subs)),
+        ]
+    global_: list[dict[str, Any]] = []
+    by_district: dict[str, list[dict[str, Any]]] = {}
+    by_subscriber: dict[int, list[dict[str, Any]]] = {}
+    for p in session.execute(
+        select(
+            Policy.id,
+            Policy.version,
+            Policy.scope,
+            Policy.district,
+            Policy.subscriber_id,
+            Policy.document,
+        )
+        .where(Policy.active.is_(True), or_(*scopes))
+        .order_by(Policy.id)
+    ):
+        if p.scope == "global":
+            global_.append(_candidate(p))
+        elif p.scope == "district":
+            by_district.setdefault(p.district, []).append(_candidate(p))
+        else:
+            by_subscriber.setdefault(p.subscriber_id, []).append(_candidate(p))
+    # One candidate list per scope: a subscriber without an override of their own shares
+    # their district's list with every neighbour in the batch.
+    scoped: dict[tuple[str | None, int | None], list[dict[str, Any]]] = {}
+    out = []
+    for inc in todo:
+        sub = subs.get(inc.subscriber_id) if inc.subscriber_id else None
+        if sub is None:
+            key: tuple[str | None, int | None] = (None, None)
+        else:
+            key = (sub.district, sub.id if sub.id in by_subscriber else None)
+        candidates = scoped.get(key)
+        if candidates is None:
+            candidates = list(global_)
+            if sub is not None:
+                candidates += by_district.get(sub.district, []) + by_subscriber.get(sub.id, [])
+                candidates.sort(key=lambda c: c["id"])
+            scoped[key] = candidates
+        out.append(_context(inc, sub, contacts.get(sub.id, []) if sub else [], candidates))
+    return out
 
 
 def begin_escalations(
@@ -207,11 +351,102 @@ def begin_escalations(
     plans: list[tuple[int, dict[str, Any] | None, dict[str, Any]]],
     now: datetime,
 ) -> list[tuple[int, datetime]]:
-    """``begin_escalation`` for several incidents in one transaction."""
-    timers: list[tuple[int, datetime]] = []
+    """``begin_escalation`` for several incidents in one transaction, in bulk.
+
+    Stores the same rows as ``begin_escalation`` plan by plan (a test compares them):
+    two reads, then one INSERT each for escalations, timeline and timers and one
+    executemany UPDATE of the incidents' policy, for up to ``MAX_IN`` plans.  Incidents
+    already planned, closed or missing are skipped (checked again here: the read that
+    planned them ran in an earlier transaction); an incident given twice is planned once.
+    Returns the first timers (due now), in plan order.
+    """
+    if len(plans) > MAX_IN:
+        return [
+            t
+            for at in range(0, len(plans), MAX_IN)
+            for t in begin_escalations(session, plans[at : at + MAX_IN], now)
+        ]
+    ids = list(dict.fromkeys(incident_id for incident_id, _, _ in plans))
+    if not ids:
+        return []
+    incidents = {
+        r.id: r
+        for r in session.execute(
+            select(Incident.id, Incident.status, Incident.policy_id, Incident.policy_version).where(
+                Incident.id.in_(ids)
+            )
+        )
+    }
+    done = set(
+        session.scalars(select(Escalation.incident_id).where(Escalation.incident_id.in_(ids)))
+    )
+    escalations: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    timers: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
     for incident_id, policy, plan in plans:
-        timers += begin_escalation(session, incident_id, policy, plan, now)
-    return timers
+        inc = incidents.get(incident_id)
+        if incident_id in done or inc is None or inc.status != "open":
+            continue
+        done.add(incident_id)  # a second plan for it in this batch is skipped, as one by one
+        escalations.append(
+            {
+                "incident_id": incident_id,
+                "plan": plan,
+                "cursor": 0,
+                "state": "running",
+                "relay_confirmed": False,
+                "started_at": now,
+            }
+        )
+        if policy is not None:
+            policy_id, policy_version = policy["id"], policy["version"]
+            chosen.append(
+                {"id": incident_id, "policy_id": policy_id, "policy_version": policy_version}
+            )
+        else:
+            policy_id, policy_version = inc.policy_id, inc.policy_version
+        entries.append(
+            {
+                "incident_id": incident_id,
+                "at": now,
+                "action": "escalation_started",
+                "tier": None,
+                "target": None,
+                "channel": None,
+                "outcome": None,
+                "actor": "engine",
+                "detail": {
+                    "policy_id": policy_id,
+                    "policy_version": policy_version,
+                    "waves": len(plan["waves"]),
+                },
+            }
+        )
+        timers.append(
+            {
+                "incident_id": incident_id,
+                "kind": "wave",
+                "wave": 0,
+                "due_at": now,
+                "status": "pending",
+                "fired_at": None,
+            }
+        )
+    if not escalations:
+        return []
+    session.execute(insert(Escalation), escalations)
+    if chosen:
+        # One executemany by primary key: a batch may mix many policies (overrides).
+        session.execute(update(Incident).execution_options(synchronize_session=False), chosen)
+    session.execute(insert(TimelineEntry), entries)
+    # Paired by incident, not by position: SQLite cannot promise RETURNING rows in
+    # parameter order for a multi-row INSERT (SQLAlchemy would then insert row by row).
+    rows = session.execute(
+        insert(EscalationTimer).returning(EscalationTimer.incident_id, EscalationTimer.id), timers
+    )
+    timer_of = {r.incident_id: r.id for r in rows}
+    return [(timer_of[t["incident_id"]], now) for t in timers]
 
 
 def begin_escalation(
@@ -274,12 +509,71 @@ def unplanned_incidents(session: Session) -> list[int]:
 
 
 def fire_timers(session: Session, timer_ids: list[int], now: datetime) -> list[Fired]:
-    """Fire several timers in one transaction (each row is still claimed once)."""
-    return [f for f in (fire_timer(session, t, now) for t in timer_ids) if f is not None]
+    """Fire several timers in one transaction, each row still claimed exactly once.
+
+    Stores the same rows and returns the same results as ``fire_timer`` for each id in
+    turn (a test compares them), with a constant number of statements for up to
+    ``MAX_IN`` timers: one UPDATE claims every row still pending (RETURNING says which),
+    three reads load the timers, incidents and escalations, and the attempts, timeline
+    entries and next timers are bulk inserts.  Placing the waves runs in input order on
+    the loaded objects, so two timers of one incident see each other's changes.
+    """
+    ids = list(dict.fromkeys(timer_ids))
+    if len(ids) > MAX_IN:
+        return [
+            f
+            for at in range(0, len(ids), MAX_IN)
+            for f in fire_timers(session, ids[at : at + MAX_IN], now)
+        ]
+    if not ids:
+        return []
+    # The claim: a row another transaction already fired (another engine, a retry) is not
+    # returned and so not fired again.  Placing a wave never changes another pending
+    # timer, so claiming the batch up front is the same as claiming each row in turn.
+    claimed = set(
+        session.scalars(
+            update(EscalationTimer)
+            .where(EscalationTimer.id.in_(ids), EscalationTimer.status == "pending")
+            .values(status="done", fired_at=now)
+            .returning(EscalationTimer.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if not claimed:
+        return []
+    timers = {
+        t.id: t
+        for t in session.scalars(select(EscalationTimer).where(EscalationTimer.id.in_(claimed)))
+    }
+    incident_ids = {t.incident_id for t in timers.values()}
+    incidents = {
+        i.id: i for i in session.scalars(select(Incident).where(Incident.id.in_(incident_ids)))
+    }
+    escalations = {
+        e.incident_id: e
+        for e in session.scalars(select(Escalation).where(Escalation.incident_id.in_(incident_ids)))
+    }
+    rows = _BulkRows()
+    fired = [
+        _fire_claimed(
+            timers[t],
+            incidents[timers[t].incident_id],
+            escalations.get(timers[t].incident_id),
+            now,
+            rows,
+        )
+        for t in ids
+        if t in claimed
+    ]
+    rows.write(session)
+    return fired
 
 
 def fire_timer(session: Session, timer_id: int, now: datetime) -> Fired | None:
-    """Fire one timer: claim it, then place the wave it points at (or wait for a relay)."""
+    """Fire one timer: claim it, then place the wave it points at (or wait for a relay).
+
+    The row-by-row reference for ``fire_timers``.
+    """
     claimed = session.execute(
         update(EscalationTimer)
         .where(EscalationTimer.id == timer_id, EscalationTimer.status == "pending")
@@ -290,6 +584,97 @@ def fire_timer(session: Session, timer_id: int, now: datetime) -> Fired | None:
     timer = session.get(EscalationTimer, timer_id)
     inc = session.get(Incident, timer.incident_id)
     esc = session.get(Escalation, timer.incident_id)
+    return _fire_claimed(timer, inc, esc, now, _SessionRows(session))
+
+
+class _SessionRows:
+    """Where a firing's new rows go when firing one timer: straight into the session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def entry(self, incident_id: int, at: datetime, action: str, **kw: Any) -> None:
+        _entry(self.session, incident_id, at, action, **kw)
+
+    def attempt(self, row: dict[str, Any]) -> None:
+        self.session.add(Attempt(**row))
+
+    def timer(self, fired: Fired, incident_id: int, kind: str, wave: int, due: datetime) -> None:
+        fired.timers.append(_timer(self.session, incident_id, kind, wave, due))
+
+
+class _BulkRows:
+    """Where a batch's new rows go: gathered, then one INSERT per table."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.attempts: list[dict[str, Any]] = []
+        self.timers: list[tuple[Fired, dict[str, Any]]] = []
+
+    def entry(self, incident_id: int, at: datetime, action: str, **kw: Any) -> None:
+        # Every key in every row: rows with different keys would be separate statements.
+        self.entries.append(
+            {
+                "incident_id": incident_id,
+                "at": at,
+                "action": action,
+                **{
+                    k: kw.get(k)
+                    for k in ("tier", "target", "channel", "outcome", "actor", "detail")
+                },
+            }
+        )
+
+    def attempt(self, row: dict[str, Any]) -> None:
+        self.attempts.append(row)
+
+    def timer(self, fired: Fired, incident_id: int, kind: str, wave: int, due: datetime) -> None:
+        row = {
+            "incident_id": incident_id,
+            "kind": kind,
+            "wave": wave,
+            "due_at": due,
+            "status": "pending",
+            "fired_at": None,
+        }
+        self.timers.append((fired, row))
+
+    def write(self, session: Session) -> None:
+        """Insert everything gathered and give each new timer its id."""
+        if self.attempts:
+            session.execute(insert(Attempt), self.attempts)
+        if self.entries:
+            session.execute(insert(TimelineEntry), self.entries)
+        if not self.timers:
+            return
+        # Paired by (incident, kind, wave), not by position: SQLite cannot promise
+        # RETURNING rows in parameter order for a multi-row INSERT.
+        new: dict[tuple[int, str, int], list[int]] = {}
+        for r in session.execute(
+            insert(EscalationTimer).returning(
+                EscalationTimer.id,
+                EscalationTimer.incident_id,
+                EscalationTimer.kind,
+                EscalationTimer.wave,
+            ),
+            [row for _, row in self.timers],
+        ):
+            new.setdefault((r.incident_id, r.kind, r.wave), []).append(r.id)
+        for ids in new.values():
+            ids.sort()
+        for fired, row in self.timers:
+            timer_id = new[(row["incident_id"], row["kind"], row["wave"])].pop(0)
+            fired.timers.append((timer_id, row["due_at"]))
+
+
+def _fire_claimed(
+    timer: EscalationTimer,
+    inc: Incident,
+    esc: Escalation | None,
+    now: datetime,
+    rows: _SessionRows | _BulkRows,
+) -> Fired:
+    """What a claimed timer does: place its wave, wait for a relay decision, or nothing."""
     fired = Fired(inc.id, late=now - timer.due_at > LATE_GRACE)
     if inc.status != "open" or esc is None or esc.state in ("stopped", "exhausted"):
         return fired
@@ -299,8 +684,7 @@ def fire_timer(session: Session, timer_id: int, now: datetime) -> Fired | None:
         if esc.state != "waiting_relay":
             return fired
         wave_no, relay_ok = esc.cursor, True
-        _entry(
-            session,
+        rows.entry(
             inc.id,
             now,
             "relay_deadline_passed",
@@ -308,12 +692,12 @@ def fire_timer(session: Session, timer_id: int, now: datetime) -> Fired | None:
             actor="engine",
             detail={"late": fired.late},
         )
-    _place_wave(session, inc, esc, wave_no, relay_ok, now, fired)
+    _place_wave(rows, inc, esc, wave_no, relay_ok, now, fired)
     return fired
 
 
 def _place_wave(
-    session: Session,
+    rows: _SessionRows | _BulkRows,
     inc: Incident,
     esc: Escalation,
     wave_no: int,
@@ -325,8 +709,7 @@ def _place_wave(
     late = {"late": True} if fired.late else {}
     if wave_no >= len(waves):
         esc.state = "exhausted"
-        _entry(
-            session,
+        rows.entry(
             inc.id,
             now,
             "escalation_exhausted",
@@ -343,8 +726,7 @@ def _place_wave(
         if now < deadline:
             esc.state = "waiting_relay"
             desk = wave["targets"][0]
-            _entry(
-                session,
+            rows.entry(
                 inc.id,
                 now,
                 "relay_pending",
@@ -355,13 +737,12 @@ def _place_wave(
                 actor="engine",
                 detail={"deadline": deadline.isoformat(), **late},
             )
-            fired.timers.append(_timer(session, inc.id, "relay_deadline", wave_no, deadline))
+            rows.timer(fired, inc.id, "relay_deadline", wave_no, deadline)
             return
     esc.state = "running"
     esc.relay_confirmed = False
     if wave["tier"] == "operator":
-        _entry(
-            session,
+        rows.entry(
             inc.id,
             now,
             "operator_alerted",
@@ -372,20 +753,22 @@ def _place_wave(
         )
     for target in wave["targets"]:
         for channel in wave["channels"]:
-            attempt = Attempt(
-                id=secrets.token_hex(12),
-                incident_id=inc.id,
-                wave=wave_no,
-                tier=wave["tier"],
-                channel=channel,
-                target_name=target["name"],
-                phone=target["phone"],
-                status="calling",
-                created_at=now,
+            attempt_id = secrets.token_hex(12)
+            rows.attempt(
+                {
+                    "id": attempt_id,
+                    "incident_id": inc.id,
+                    "wave": wave_no,
+                    "tier": wave["tier"],
+                    "channel": channel,
+                    "target_name": target["name"],
+                    "phone": target["phone"],
+                    "status": "calling",
+                    "created_at": now,
+                    "answered_at": None,
+                }
             )
-            session.add(attempt)
-            _entry(
-                session,
+            rows.entry(
                 inc.id,
                 now,
                 "relay" if channel == "relay" else "notify",
@@ -394,11 +777,11 @@ def _place_wave(
                 channel=channel,
                 outcome="sent",
                 actor="engine",
-                detail={"attempt": attempt.id, "relation": target.get("relation"), **late},
+                detail={"attempt": attempt_id, "relation": target.get("relation"), **late},
             )
             fired.attempts.append(
                 {
-                    "id": attempt.id,
+                    "id": attempt_id,
                     "tier": wave["tier"],
                     "channel": channel,
                     "phone": target["phone"],
@@ -413,9 +796,7 @@ def _place_wave(
         "subscriber": esc.plan.get("subscriber"),
         "location": {"lat": inc.lat, "lon": inc.lon} if inc.lat is not None else None,
     }
-    fired.timers.append(
-        _timer(session, inc.id, "wave", wave_no + 1, now + timedelta(seconds=wave["wait_s"]))
-    )
+    rows.timer(fired, inc.id, "wave", wave_no + 1, now + timedelta(seconds=wave["wait_s"]))
 
 
 # --- answers -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ waits of a few seconds so each scenario runs in well under a minute.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest_twisted
@@ -292,6 +293,117 @@ async def test_bad_callbacks_change_nothing(db_url, tmp_path):
         assert resp.code == 409
         assert (await _incident(server, incident_id))["status"] == "resolved"
     finally:
+        await stop_server(server)
+        await responders.stop()
+
+
+BURST_DISTRICT = "瓯海区"
+
+
+async def _reply(client: RawClient, seconds: float = 10.0) -> bytes:
+    """The first bytes the server sends back (an ACK), without waiting out a window."""
+    deadline = datetime.now(UTC).timestamp() + seconds
+    while datetime.now(UTC).timestamp() < deadline:
+        data = await client.recv(0.02)
+        if data:
+            return data
+    return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_f_burst_of_alarms_each_planned_once_under_its_own_policy(db_url, tmp_path):
+    """Twelve terminals press at once: planned together, each once, each under its policy."""
+    server, responders = await _setup(db_url, tmp_path, {"*": {"answer": "never"}}, wait_s=30)
+    clients: list[RawClient] = []
+    try:
+        community_first = {
+            "kinds": ["sos"],
+            "steps": [{"tier": "community", "channels": ["voice"], "wait_s": 30}],
+        }
+        code, district = await server.post(
+            "/api/v1/policies",
+            {
+                "name": "ouhai",
+                "scope": "district",
+                "district": BURST_DISTRICT,
+                "document": community_first,
+            },
+        )
+        assert code == 201, district
+        idents = [f"8600000000071{n:02d}" for n in range(12)]
+        sub_ids = {}
+        for n, ident in enumerate(idents):
+            extra: dict = {"contacts": CONTACTS}
+            if n % 3 == 1:
+                extra["district"] = BURST_DISTRICT
+            if n == 11:
+                extra["contacts"] = []  # nobody to call: straight to the 120 relay decision
+            sub_ids[ident] = await server.subscriber(ident, **extra)
+        own = {"kinds": ["sos"], "steps": [{"tier": "family", "targets": "all", "wait_s": 30}]}
+        code, override = await server.post(
+            "/api/v1/policies",
+            {
+                "name": "own",
+                "scope": "subscriber",
+                "subscriber_id": sub_ids[idents[0]],
+                "document": own,
+            },
+        )
+        assert code == 201, override
+        frames = []
+        for ident in idents:
+            codec = NativeTerminalCodec(ident)
+            client = RawClient(server.ports["native"])
+            client.send(codec.login())
+            assert await _reply(client)
+            clients.append(client)
+            frames.append(codec.sos(ev.SosTrigger.BUTTON, None, 1_800_000_000, 80)[0])
+        for client, frame in zip(clients, frames, strict=True):  # all in one reactor turn
+            client.send(frame)
+        for client in clients:
+            assert await _reply(client)  # ACKed: stored
+        # First waves: 11 terminals with contacts; idents[0] calls both family members.
+        await responders.wait_for(lambda _line: len(_calls(responders)) >= 12, 30)
+        code, queue = await server.get("/api/v1/incidents")
+        items = {i["device_ident"]: i for i in queue["items"]}
+        assert sorted(items) == idents
+        expect_first = {}
+        for n, ident in enumerate(idents):
+            if n == 0:
+                expect_first[ident] = (override["id"], [("family", FAMILY1), ("family", FAMILY2)])
+            elif n == 11:
+                expect_first[ident] = (None, [])
+            elif n % 3 == 1:
+                expect_first[ident] = (district["id"], [("community", "13900000003")])
+            else:
+                expect_first[ident] = (None, [("family", FAMILY1)])
+        for ident, (policy_id, first) in expect_first.items():
+            incident = await _until(
+                server,
+                items[ident]["id"],
+                lambda i, first=first: (
+                    len(_notified(i)) >= len(first)
+                    and any(t["action"] == "escalation_started" for t in i["timeline"])
+                ),
+            )
+            actions = [t["action"] for t in incident["timeline"]]
+            assert actions.count("escalation_started") == 1, (ident, actions)
+            assert _notified(incident) == first, ident
+            if policy_id is not None:
+                assert incident["policy_id"] == policy_id, ident
+            else:  # the global alarm policy _setup saved (version 2 over the default)
+                assert incident["policy_id"] not in (override["id"], district["id"]), ident
+                assert incident["policy_version"] >= 2, ident
+            if not first:
+                assert "relay_pending" in actions, actions
+        await sleep(1.0)
+        calls = Counter(
+            (line["incident"], line["phone"]) for line in responders.lines if "phone" in line
+        )
+        assert len(calls) == 12 and set(calls.values()) == {1}  # each first-wave call once
+    finally:
+        for client in clients:
+            client.close()
         await stop_server(server)
         await responders.stop()
 
