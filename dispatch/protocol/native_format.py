@@ -78,8 +78,8 @@ LocationBlock = Struct(
 )
 
 # One status byte shared by heartbeat and SOS: bit 0 charging, bit 1 a location block follows.
-_STATUS_CHARGING = 0x01
-_STATUS_HAS_LOCATION = 0x02
+STATUS_CHARGING = 0x01
+STATUS_HAS_LOCATION = 0x02
 
 Login = Struct(
     "protocol_version" / Int8ub,
@@ -90,7 +90,7 @@ Heartbeat = Struct(
     "battery" / Int8ub,
     "status" / Int8ub,
     "signal" / Int8ub,
-    "location" / If(this.status & _STATUS_HAS_LOCATION, LocationBlock),
+    "location" / If(this.status & STATUS_HAS_LOCATION, LocationBlock),
 )
 
 Sos = Struct(
@@ -98,7 +98,7 @@ Sos = Struct(
     "status" / Int8ub,
     "battery" / Int8ub,
     "terminal_time" / Int32ub,
-    "location" / If(this.status & _STATUS_HAS_LOCATION, LocationBlock),
+    "location" / If(this.status & STATUS_HAS_LOCATION, LocationBlock),
 )
 
 CareAnswer = Struct("round_id" / Int32ub, "answer" / Int8ub)
@@ -148,12 +148,12 @@ def crc16(data: bytes | bytearray | memoryview) -> int:
 
 def status_byte(charging: bool, has_location: bool) -> int:
     """Pack the heartbeat/SOS status bits."""
-    return (_STATUS_CHARGING if charging else 0) | (_STATUS_HAS_LOCATION if has_location else 0)
+    return (STATUS_CHARGING if charging else 0) | (STATUS_HAS_LOCATION if has_location else 0)
 
 
 def is_charging(status: int) -> bool:
     """Read the charging bit of a status byte."""
-    return bool(status & _STATUS_CHARGING)
+    return bool(status & STATUS_CHARGING)
 
 
 def build_frame(msg_type: int, ident: str, seq: int, payload: dict[str, Any]) -> bytes:

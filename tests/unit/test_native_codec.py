@@ -691,3 +691,58 @@ def test_datagram_of_unknown_type_gets_nack_3() -> None:
     assert isinstance(result, DecodeError) and result.reason == "unknown_type"
     assert result.reply is not None
     assert parse_nack(result.reply) == (0x07, 5, ev.Reject.UNSUPPORTED_TYPE)
+
+
+def _random_stream(rng: random.Random) -> bytes:
+    """Good frames (short heartbeats mostly) mixed with noise and broken frames."""
+    term = NativeTerminalCodec(IDENT)
+    good = _five_frames()
+    parts = []
+    for _ in range(rng.randrange(1, 12)):
+        kind = rng.random()
+        if kind < 0.5:
+            parts.append(term.heartbeat(rng.randrange(256), rng.random() < 0.5, 70))
+        elif kind < 0.7:
+            parts.append(rng.choice(good))
+        elif kind < 0.8:
+            frame = rng.choice(good)
+            parts.append(frame[:-1] + bytes([frame[-1] ^ 0x5A]))  # bad CRC
+        elif kind < 0.85:
+            parts.append(raw_frame(MsgType.HEARTBEAT, b"\x50\x00\x46", version=2))
+        elif kind < 0.9:
+            parts.append(raw_frame(MsgType.HEARTBEAT, b"\x50\x00\x46", ident=b"bad ident"))
+        else:
+            parts.append(rng.choice([b"\x00", b"\xd5", b"\x7e\xd5", b"hello", b"\xd5\x7e\x01"]))
+    return b"".join(parts)
+
+
+def _comparable(results: list[Inbound | DecodeError]) -> tuple[list[object], int]:
+    """Results without the chunking-dependent noise reports, and the noise bytes they count."""
+    kept: list[object] = []
+    noise = 0
+    for r in results:
+        if isinstance(r, DecodeError) and r.reason == "noise" and not r.fatal:
+            noise += int(r.detail.split()[0])
+        else:
+            kept.append(r)
+    return kept, noise
+
+
+def test_any_chunking_gives_the_same_frames_and_errors() -> None:
+    """Whole reads (the fast path), random reads and single bytes (the buffered path) agree."""
+    rng = random.Random(7)
+    for _ in range(300):
+        stream = _random_stream(rng)
+        whole = NativeCodec().feed(stream)
+        codec = NativeCodec()
+        by_byte: list[Inbound | DecodeError] = []
+        for i in range(len(stream)):
+            by_byte += codec.feed(stream[i : i + 1])
+        codec = NativeCodec()
+        chunked: list[Inbound | DecodeError] = []
+        pos = 0
+        while pos < len(stream):
+            step = rng.randrange(1, 80)
+            chunked += codec.feed(stream[pos : pos + step])
+            pos += step
+        assert _comparable(whole) == _comparable(by_byte) == _comparable(chunked), stream
