@@ -632,17 +632,26 @@ def workspace(keep: bool = False) -> Iterator[Path]:
 # --- Prometheus text -------------------------------------------------------------------
 
 
-def histogram(text: str, name: str) -> dict[str, Any]:
-    """Cumulative buckets, count and sum of one unlabelled histogram in /metrics text."""
+def histogram(text: str, name: str, labels: str = "") -> dict[str, Any]:
+    """Cumulative buckets, count and sum of one histogram in /metrics text.
+
+    ``labels``: the series' labels as exposed before ``le``, e.g. ``generation="2"``.
+    """
+    bucket = f"{name}_bucket{{{labels}," if labels else f"{name}_bucket{{"
+    count_p, sum_p = (
+        (f"{name}_count{{{labels}}} ", f"{name}_sum{{{labels}}} ")
+        if labels
+        else (f"{name}_count ", f"{name}_sum ")
+    )
     buckets: dict[float, float] = {}
     count = total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "_bucket{"):
+        if line.startswith(bucket):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
-        elif line.startswith(name + "_count "):
+        elif line.startswith(count_p):
             count = float(line.split()[-1])
-        elif line.startswith(name + "_sum "):
+        elif line.startswith(sum_p):
             total = float(line.split()[-1])
     return {"buckets": dict(sorted(buckets.items())), "count": count, "sum": total}
 

@@ -79,7 +79,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _scrape(server: DispatchServer) -> dict[str, Any]:
     text = server.metrics()
-    return {"notify": histogram(text, NOTIFY), "ack": histogram(text, ACK), "t": time.time()}
+    return {
+        "notify": histogram(text, NOTIFY),
+        "ack": histogram(text, ACK),
+        # Diagnostics for the outliers: how long live-state flushes hold the write lock,
+        # and how long the collector stops the reactor, by generation.
+        "flush": histogram(text, "dispatch_live_flush_duration_seconds"),
+        **{
+            f"gc_gen{g}": histogram(text, "dispatch_gc_pause_seconds", f'generation="{g}"')
+            for g in (0, 1, 2)
+        },
+        "t": time.time(),
+    }
 
 
 def _hist_figures(h: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
@@ -24,7 +24,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(immediate: bool) -> Callable[[Engine], None]:
+def _sqlite_pragmas(immediate: bool, synchronous: str) -> Callable[[Engine], None]:
     def install(engine: Engine) -> None:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -32,8 +32,10 @@ def _sqlite_pragmas(immediate: bool) -> Callable[[Engine], None]:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: an acknowledged SOS must survive a power cut, not only a crash.
-            cur.execute("PRAGMA synchronous=FULL")
+            # FULL: an acknowledged SOS must survive a power cut, not only a crash.  Live
+            # state (NORMAL) may lose its last flushes to a power cut, never consistency:
+            # the WAL is append-only and the next FULL commit syncs the frames before it.
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             # Writers queue on SQLite's one lock; under a burst (10,000 incidents escalating
             # while care rounds are planned) 10 s was seen to run out, so wait longer.
             cur.execute("PRAGMA busy_timeout=30000")
@@ -89,13 +91,19 @@ class WriteGate:
             self._cond.notify_all()
 
 
-def make_engine(url: str, *, immediate: bool = False, pool_size: int = 5) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and explicit transaction starts."""
+def make_engine(
+    url: str, *, immediate: bool = False, pool_size: int = 5, synchronous: str = "FULL"
+) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and explicit transaction starts.
+
+    ``synchronous`` (SQLite only): FULL fsyncs every commit; NORMAL leaves it to the
+    next FULL commit or checkpoint.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
         )
-        _sqlite_pragmas(immediate)(engine)
+        _sqlite_pragmas(immediate, synchronous)(engine)
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True)
 
@@ -124,6 +132,16 @@ class Database:
         self._read = sessionmaker(make_engine(url, pool_size=max_threads), expire_on_commit=False)
         write_engine = make_engine(url, immediate=True, pool_size=max_threads + urgent_threads)
         self._write = sessionmaker(write_engine, expire_on_commit=False)
+        # Writes that may be lost to a power cut (live state): no fsync of their own, so
+        # an SOS queued behind a flush waits for the statements, not for the disk.
+        self._relaxed = (
+            sessionmaker(
+                make_engine(url, immediate=True, pool_size=max_threads, synchronous="NORMAL"),
+                expire_on_commit=False,
+            )
+            if self.dialect == "sqlite"
+            else self._write
+        )
         self._pool = ThreadPool(1, max_threads, name="dispatch-db")
         self._urgent_pool = ThreadPool(1, urgent_threads, name="dispatch-db-urgent")
         # PostgreSQL locks rows, not the database: its writers need no queue.
@@ -147,8 +165,8 @@ class Database:
         self._started = False
         self._pool.stop()
         self._urgent_pool.stop()
-        self._read.kw["bind"].dispose()
-        self._write.kw["bind"].dispose()
+        for factory in (self._read, self._write, self._relaxed):
+            factory.kw["bind"].dispose()
 
     def session_sync(self, write: bool = True) -> Session:
         """A session for code already off the reactor thread (CLI, migrations, tests)."""
@@ -161,9 +179,15 @@ class Database:
         fn: Callable[..., T],
         *args: Any,
         gate: str = "",
+        durable: bool = True,
     ):
+        relaxed_pg = not durable and self.dialect == "postgresql"
+
         def transaction() -> T:
             with factory() as session, session.begin():
+                if relaxed_pg:
+                    # The same trade on PostgreSQL: the commit returns before the WAL flush.
+                    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
                 return fn(session, *args)
 
         def work() -> T:
@@ -182,9 +206,14 @@ class Database:
         """Run ``fn(session, *args)`` in a read transaction on the worker pool."""
         return self._run(self._pool, self._read, fn, *args)
 
-    def write(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run ``fn(session, *args)`` in a write transaction on the worker pool."""
-        return self._run(self._pool, self._write, fn, *args, gate="write")
+    def write(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> defer.Deferred[T]:
+        """Run ``fn(session, *args)`` in a write transaction on the worker pool.
+
+        ``durable=False``: the commit does not wait for the disk (a power cut may lose
+        it, a crash of the process does not); for live state only, never for alarms.
+        """
+        factory = self._write if durable else self._relaxed
+        return self._run(self._pool, factory, fn, *args, gate="write", durable=durable)
 
     def urgent(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Like :meth:`write`, on the pool reserved for SOS and other alarms."""

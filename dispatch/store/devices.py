@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from dispatch.store.errors import NotFound
@@ -57,8 +57,29 @@ def flush_live(session: Session, rows: list[dict[str, Any]]) -> int:
     without = [r for r in rows if "protocol_version" not in r]
     for batch in (with_login, without):
         if batch:
-            session.execute(update(Device), batch)
+            # Core executemany: the ORM's bulk UPDATE costs several times more per row.
+            columns = [key for key in batch[0] if key != "id"]
+            session.execute(
+                _update_by_id(tuple(columns)),
+                [{f"b_{key}": value for key, value in row.items()} for row in batch],
+            )
     return len(rows)
+
+
+_UPDATES: dict[tuple[str, ...], Any] = {}
+
+
+def _update_by_id(columns: tuple[str, ...]) -> Any:
+    """``UPDATE devices SET col = :b_col ... WHERE id = :b_id``, built once per column set."""
+    stmt = _UPDATES.get(columns)
+    if stmt is None:
+        table = Device.__table__
+        stmt = _UPDATES[columns] = (
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values({name: bindparam(f"b_{name}") for name in columns})
+        )
+    return stmt
 
 
 def append_events(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest_twisted
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
-from dispatch.store.db import make_engine, upgrade
+from dispatch.store.db import Database, make_engine, upgrade
 from dispatch.store.models import Base
 
 
@@ -38,3 +39,30 @@ def test_sqlite_runs_in_wal_mode(sqlite_url):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
     engine.dispose()
+
+
+def _commit_durability(session) -> str:
+    """What this transaction's commit promises, as the backend reports it."""
+    if session.get_bind().dialect.name == "sqlite":
+        return {2: "fsync", 1: "no_fsync"}[session.execute(text("PRAGMA synchronous")).scalar()]
+    setting = session.execute(text("SHOW synchronous_commit")).scalar()
+    return "fsync" if setting == "on" else "no_fsync"
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_relaxed_writes_skip_the_fsync(db_url):
+    """Alarms and ordinary writes wait for the disk; durable=False (live state) does not."""
+    from twisted.internet import reactor
+
+    upgrade(db_url)
+    db = Database(db_url, reactor)
+    db.start()
+    try:
+        assert await db.urgent(_commit_durability) == "fsync"
+        assert await db.write(_commit_durability) == "fsync"
+        assert await db.write(_commit_durability, durable=False) == "no_fsync"
+        # The relaxed setting is per transaction: the next durable write is durable again.
+        assert await db.write(_commit_durability) == "fsync"
+        assert await db.urgent(_commit_durability) == "fsync"
+    finally:
+        db.stop()

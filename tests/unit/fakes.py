@@ -51,6 +51,7 @@ class SyncDatabase:
         self._write = sessionmaker(self._engines[1], expire_on_commit=False)
         self.fail_next: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self.relaxed: list[str] = []  # functions written with durable=False
         self.started = False
 
     def start(self) -> None:
@@ -85,8 +86,10 @@ class SyncDatabase:
         """Run ``fn(session, *args)`` in a read transaction, now."""
         return self._run("read", self._read, fn, *args)
 
-    def write(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run ``fn(session, *args)`` in a write transaction, now."""
+    def write(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> defer.Deferred[T]:
+        """Run ``fn(session, *args)`` in a write transaction, now (``durable`` is noted)."""
+        if not durable:
+            self.relaxed.append(getattr(fn, "__name__", repr(fn)))
         return self._run("write", self._write, fn, *args)
 
     def urgent(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:

@@ -590,6 +590,7 @@ def test_flush_writes_many_devices_in_chunks(
     flusher = LiveStateFlusher(clock, db, live, 2.0)
     defer.ensureDeferred(flusher.flush())
     assert db.count_calls("write", "flush_live") == 3  # 7 rows in chunks of 3
+    assert db.relaxed == ["flush_live"] * 3 + ["append_events"]  # live state: no fsync
     assert rows.value == 7
     seen = datetime.fromtimestamp(START + 10, UTC)
     for n, ident in enumerate(idents):
