@@ -78,6 +78,7 @@ class DispatchApp:
             relay_numbers={"relay_110": config.relay_110, "relay_120": config.relay_120},
         )
         self.gateway.incident_listeners.append(self._incident_opened)
+        self.engine.alarms_pending = self.gateway.sos_committer.when_idle
         self.care = CareScheduler(
             reactor,
             self.db,

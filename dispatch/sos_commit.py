@@ -42,7 +42,20 @@ class SosCommitter:
         self.max_batch = max_batch
         self._pending: list[tuple[SosInput, defer.Deferred[SosRecord]]] = []
         self._busy = False
+        self._idle_waiters: list[defer.Deferred[None]] = []
         self.batches = 0
+
+    def when_idle(self) -> defer.Deferred[None] | None:
+        """None if no SOS is waiting for the store, else a Deferred that fires when none is.
+
+        Work that can wait a moment (planning escalations) asks first, so that during a
+        burst the CPU goes to committing and acknowledging alarms.
+        """
+        if not self._busy and not self._pending:
+            return None
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def submit(self, item: SosInput) -> defer.Deferred[SosRecord]:
         """Fires with the stored record once the transaction holding it has committed."""
@@ -76,3 +89,8 @@ class SosCommitter:
     def _done(self, _: Any) -> None:
         self._busy = False
         self._next()
+        if not self._busy:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # a waiter that gave up was cancelled
+                    waiter.callback(None)

@@ -25,6 +25,8 @@ log = logs.get(__name__)
 # the engine takes one batch of each in turn (see _work_queued).
 TIMER_BATCH = 200
 PLAN_BATCH = 200
+# Longest a batch waits for SOS frames still being committed (see alarms_pending).
+ALARMS_FIRST_MAX_S = 1.0
 
 MESSAGES = {
     "sos": "{name} pressed the emergency button{where}. Reply accept if you are going.",
@@ -85,6 +87,9 @@ class EscalationEngine:
         self._due: list[int] = []
         self._to_plan: list[int] = []
         self._working = False
+        # Set by the app to the SOS committer's when_idle: planning and firing yield to
+        # alarms still waiting for their commit, so a burst is acknowledged sooner.
+        self.alarms_pending: Callable[[], defer.Deferred[None] | None] | None = None
         self._gauge_loop = task.LoopingCall(self._refresh_gauge)
         self._gauge_loop.clock = clock
         self.on_change: list[Callable[[int, str], None]] = []
@@ -156,6 +161,7 @@ class EscalationEngine:
         timers_turn = True
         try:
             while self._to_plan or self._due:
+                await self._alarms_first()
                 if self._due and (timers_turn or not self._to_plan):
                     ids, self._due = self._due[:TIMER_BATCH], self._due[TIMER_BATCH:]
                     for fired in await self._fire_batch(ids):
@@ -170,6 +176,22 @@ class EscalationEngine:
             if self._to_plan or self._due:
                 # Only an unexpected error ends the loop early: carry on with the rest.
                 self._kick()
+
+    async def _alarms_first(self) -> None:
+        """Wait (at most ALARMS_FIRST_MAX_S) while SOS frames wait for the store.
+
+        During a burst of 1,000 presses, planning their incidents competed for the CPU
+        (one interpreter lock) with committing and acknowledging the presses still
+        queued; the terminals' acks matter first, and the plans follow within a second.
+        """
+        waiting = self.alarms_pending() if self.alarms_pending is not None else None
+        if waiting is None:
+            return
+        waiting.addTimeout(ALARMS_FIRST_MAX_S, self.clock)
+        try:
+            await waiting
+        except defer.TimeoutError:
+            log.warning("alarms_first_timeout", waited_s=ALARMS_FIRST_MAX_S)
 
     async def _plan_ids(self, ids: list[int]) -> None:
         """Plan a batch; if the batch fails, each incident on its own (never raises)."""

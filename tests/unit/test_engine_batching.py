@@ -478,6 +478,44 @@ def test_planning_and_firing_take_turns(bench: World, monkeypatch: pytest.Monkey
         assert len(bench.actions(iid, "escalation_started")) == 1
 
 
+def test_planning_waits_for_alarms_still_being_committed(bench: World) -> None:
+    """While SOS frames wait for the store, planning holds; it goes on once they are in."""
+    from twisted.internet import defer
+
+    pending: list[defer.Deferred] = []
+
+    def alarms_pending() -> defer.Deferred | None:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    bench.engine.alarms_pending = alarms_pending
+    iid = _incident(bench, "860000000000501")
+    bench.engine.incident_opened(iid)
+    bench.clock.advance(0)
+    assert bench.db.count_calls(fn_name="start_contexts") == 0
+    bench.engine.alarms_pending = None  # the burst is stored: nothing pending any more
+    pending[0].callback(None)
+    bench.clock.advance(0)
+    assert len(bench.actions(iid, "escalation_started")) == 1
+    assert len(bench.actions(iid, "notify")) == 2
+
+
+def test_planning_waits_for_alarms_at_most_a_second(bench: World) -> None:
+    """A store that never drains (a stuck commit) delays planning by at most 1 s."""
+    from twisted.internet import defer
+
+    bench.engine.alarms_pending = defer.Deferred
+    iid = _incident(bench, "860000000000502")
+    bench.engine.incident_opened(iid)
+    bench.clock.advance(0)
+    half = engine_mod.ALARMS_FIRST_MAX_S / 2  # halves of a power of two add up exactly
+    bench.clock.advance(half)
+    assert bench.db.count_calls(fn_name="start_contexts") == 0
+    bench.clock.advance(half)
+    assert bench.db.count_calls(fn_name="start_contexts") == 1
+    assert len(bench.actions(iid, "escalation_started")) == 1
+
+
 def test_incidents_closed_or_planned_after_the_read_are_skipped(bench: World) -> None:
     """Between the batch's read and its write one incident is resolved and one planned."""
     a, b, c = (_incident(bench, f"86000000000050{n}") for n in range(3))

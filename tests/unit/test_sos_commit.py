@@ -53,6 +53,25 @@ def test_frames_arriving_during_a_commit_share_the_next_one() -> None:
     assert [d.result for d in rest] == ["r2", "r3", "r4"]
 
 
+def test_when_idle_fires_once_no_sos_waits_for_the_store() -> None:
+    """Idle: None. Busy: a Deferred that fires only after the last queued group commits."""
+    db = HeldDatabase()
+    committer = SosCommitter(db, timedelta(hours=24))
+    assert committer.when_idle() is None
+    committer.submit(sos(1))
+    committer.submit(sos(2))  # waits for the first commit: a second group
+    idle = committer.when_idle()
+    gave_up = committer.when_idle()
+    assert idle is not None and gave_up is not None
+    gave_up.cancel()  # a waiter that timed out must not break the others
+    gave_up.addErrback(lambda _: None)
+    db.calls[0][1].callback(["r1"])
+    assert not idle.called  # the second group is now being committed
+    db.calls[1][1].callback(["r2"])
+    assert idle.called and idle.result is None
+    assert committer.when_idle() is None
+
+
 def test_a_failed_batch_fails_every_frame_in_it_and_the_next_batch_still_runs() -> None:
     """A rolled-back group acks nobody in it (they resend); later frames are unaffected."""
     db = HeldDatabase()
