@@ -178,6 +178,8 @@ async def _scenario(reactor: Any, url: str, size: dict[str, Any], log: Path) -> 
     counter = StatementCounter()
     counter.attach(app.db._read.kw["bind"])
     counter.attach(app.db._write.kw["bind"])
+    if app.db._relaxed is not app.db._write:  # SQLite: live-state flushes use their own engine
+        counter.attach(app.db._relaxed.kw["bind"])
     n = size["terminals"]
     opts = FleetOptions(
         port=app.ports["native"],
