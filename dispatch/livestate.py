@@ -290,8 +290,10 @@ class LiveStateFlusher:
         try:
             # Not durable: a power cut may lose the last few seconds of live state, which
             # the terminals resend anyway; an fsync per chunk made SOS commits wait.
+            dialect = getattr(self.db, "sql_dialect", None)
             for i in range(0, len(rows), CHUNK):
-                await self.db.write(device_repo.flush_live, rows[i : i + CHUNK], durable=False)
+                chunk = device_repo.prepare_live(rows[i : i + CHUNK], dialect)
+                await self.db.write(device_repo.flush_live, chunk, durable=False)
             if events:
                 await self.db.write(device_repo.append_events, events, durable=False)
         except Exception:

@@ -132,6 +132,7 @@ class Database:
         self._read = sessionmaker(make_engine(url, pool_size=max_threads), expire_on_commit=False)
         write_engine = make_engine(url, immediate=True, pool_size=max_threads + urgent_threads)
         self._write = sessionmaker(write_engine, expire_on_commit=False)
+        self.sql_dialect = write_engine.dialect
         # Writes that may be lost to a power cut (live state): no fsync of their own, so
         # an SOS queued behind a flush waits for the statements, not for the disk.
         self._relaxed = (

@@ -47,12 +47,71 @@ def set_auth_code(session: Session, device_id: int, code: str) -> None:
     session.execute(update(Device).where(Device.id == device_id).values(auth_code=code))
 
 
-def flush_live(session: Session, rows: list[dict[str, Any]]) -> int:
+@dataclass(frozen=True, slots=True)
+class PreparedRows:
+    """Live-state rows already in the SQLite driver's form: (SQL, parameter tuples) pairs."""
+
+    groups: tuple[tuple[str, list[tuple[Any, ...]]], ...]
+    count: int
+
+
+def prepare_live(rows: list[dict[str, Any]], dialect: Any) -> PreparedRows | list[dict[str, Any]]:
+    """Convert flush rows for the driver *before* the write transaction, on SQLite.
+
+    SQLite has one write lock and an SOS waits for the flush chunk holding it.
+    Through SQLAlchemy a 130-row chunk cost 6.6 ms, 4.5 of them converting
+    parameters in Python (and much longer when that Python competes for the
+    interpreter lock); the same rows through the driver cost 2.1 ms.  The
+    conversion uses the columns' own bind processors, so what is stored is
+    byte for byte what SQLAlchemy would store.  Other databases lock rows, not
+    the database: their rows go through SQLAlchemy unchanged.
+    """
+    if dialect is None or dialect.name != "sqlite":
+        return rows
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        columns = tuple(key for key in row if key != "id")
+        processors = _processors(columns, dialect)
+        values = tuple(
+            row[name] if proc is None or row[name] is None else proc(row[name])
+            for name, proc in zip(columns, processors, strict=True)
+        )
+        groups.setdefault(columns, []).append((*values, row["id"]))
+    prepared = tuple(
+        (f"UPDATE devices SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?", params)
+        for columns, params in groups.items()
+    )
+    return PreparedRows(prepared, len(rows))
+
+
+_PROCESSORS: dict[tuple[str, tuple[str, ...]], tuple[Any, ...]] = {}
+
+
+def _processors(columns: tuple[str, ...], dialect: Any) -> tuple[Any, ...]:
+    key = (dialect.name, columns)
+    found = _PROCESSORS.get(key)
+    if found is None:
+        table = Device.__table__
+        found = _PROCESSORS[key] = tuple(
+            # dialect_impl: the type as this dialect executes it (SQLite's own DATETIME
+            # format), which the bare column type's processor does not use.
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in columns
+        )
+    return found
+
+
+def flush_live(session: Session, rows: list[dict[str, Any]] | PreparedRows) -> int:
     """Write a batch of live-state rows (keys: id, online, last_seen, battery, ...).
 
     Rows with login details (firmware, protocol_version) and rows without are
     written as two executemany batches: one statement needs one set of columns.
     """
+    if isinstance(rows, PreparedRows):
+        connection = session.connection()
+        for sql, params in rows.groups:
+            connection.exec_driver_sql(sql, params)
+        return rows.count
     with_login = [r for r in rows if "protocol_version" in r]
     without = [r for r in rows if "protocol_version" not in r]
     for batch in (with_login, without):

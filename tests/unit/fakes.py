@@ -49,6 +49,7 @@ class SyncDatabase:
         ]
         self._read = sessionmaker(self._engines[0], expire_on_commit=False)
         self._write = sessionmaker(self._engines[1], expire_on_commit=False)
+        self.sql_dialect = self._engines[1].dialect
         self.fail_next: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self.relaxed: list[str] = []  # functions written with durable=False
