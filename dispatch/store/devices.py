@@ -68,20 +68,30 @@ def prepare_live(rows: list[dict[str, Any]], dialect: Any) -> PreparedRows | lis
     """
     if dialect is None or dialect.name != "sqlite":
         return rows
-    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    for row in rows:
-        columns = tuple(key for key in row if key != "id")
+    prepared = []
+    for columns, group in _by_columns(rows).items():
         processors = _processors(columns, dialect)
-        values = tuple(
-            row[name] if proc is None or row[name] is None else proc(row[name])
-            for name, proc in zip(columns, processors, strict=True)
-        )
-        groups.setdefault(columns, []).append((*values, row["id"]))
-    prepared = tuple(
-        (f"UPDATE devices SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?", params)
-        for columns, params in groups.items()
-    )
-    return PreparedRows(prepared, len(rows))
+        params = [
+            (
+                *(
+                    row[name] if proc is None or row[name] is None else proc(row[name])
+                    for name, proc in zip(columns, processors, strict=True)
+                ),
+                row["id"],
+            )
+            for row in group
+        ]
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        prepared.append((f"UPDATE devices SET {sets} WHERE id = ?", params))
+    return PreparedRows(tuple(prepared), len(rows))
+
+
+def _by_columns(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Rows grouped by the columns they set (one executemany needs one set of columns)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(key for key in row if key != "id"), []).append(row)
+    return groups
 
 
 _PROCESSORS: dict[tuple[str, tuple[str, ...]], tuple[Any, ...]] = {}
@@ -104,24 +114,19 @@ def _processors(columns: tuple[str, ...], dialect: Any) -> tuple[Any, ...]:
 def flush_live(session: Session, rows: list[dict[str, Any]] | PreparedRows) -> int:
     """Write a batch of live-state rows (keys: id, online, last_seen, battery, ...).
 
-    Rows with login details (firmware, protocol_version) and rows without are
-    written as two executemany batches: one statement needs one set of columns.
+    One executemany per set of columns (rows with login details set two more).
     """
     if isinstance(rows, PreparedRows):
         connection = session.connection()
         for sql, params in rows.groups:
             connection.exec_driver_sql(sql, params)
         return rows.count
-    with_login = [r for r in rows if "protocol_version" in r]
-    without = [r for r in rows if "protocol_version" not in r]
-    for batch in (with_login, without):
-        if batch:
-            # Core executemany: the ORM's bulk UPDATE costs several times more per row.
-            columns = [key for key in batch[0] if key != "id"]
-            session.execute(
-                _update_by_id(tuple(columns)),
-                [{f"b_{key}": value for key, value in row.items()} for row in batch],
-            )
+    for columns, group in _by_columns(rows).items():
+        # Core executemany: the ORM's bulk UPDATE costs several times more per row.
+        session.execute(
+            _update_by_id(columns),
+            [{f"b_{key}": value for key, value in row.items()} for row in group],
+        )
     return len(rows)
 
 
